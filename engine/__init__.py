@@ -1,0 +1,1 @@
+"""Megatron-style training engine for continual pretraining and EfficientScale."""

@@ -1,0 +1,15 @@
+"""Checkpoints: megatron `dist_checkpointing` directories, the latest tracker, retention, resume
+and weights-only initialization for continual pretraining."""
+
+from engine.checkpoint.io import (
+    CheckpointError,
+    TrainState,
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
+    read_train_state,
+    save_checkpoint,
+)
+
+__all__ = ["CheckpointError", "TrainState", "find_checkpoint", "load_checkpoint", "load_weights",
+           "read_train_state", "save_checkpoint"]

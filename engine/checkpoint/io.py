@@ -1,0 +1,223 @@
+"""Save and load training checkpoints with megatron-core `dist_checkpointing`.
+
+Layout of `checkpoint.save` (Megatron-LM's names, so its tools recognise it):
+
+    <save>/iter_0000100/            one dist_checkpointing directory per saved step
+        recipe.yaml, train_state.json   the recipe and the step beside the weights
+    <save>/latest_checkpointed_iteration.txt   the tracker: written last, atomically
+
+A checkpoint is written into `iter_XXXXXXX.partial`, renamed when every rank has finished, and
+only then named by the tracker: a crash mid-save leaves the previous checkpoint as the latest.
+Tensors are stored sharded by their global shape (ShardedTensor), so a checkpoint saved at one
+TP/PP/DP layout loads at another. Everything read back goes through `torch.load(weights_only=True)`
+(megatron-core's default on torch >= 2.6) or JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the model: one line says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainState:
+    """Where training stands; stored in the checkpoint's common state and as train_state.json."""
+
+    step: int
+    """Optimizer steps done."""
+    consumed_samples: int
+    """Training samples consumed, the data position."""
+    consumed_tokens: int
+    """Loss tokens consumed."""
+    schedule: dict
+    """The LR schedule's arguments when this state was saved (detects silent changes on resume)."""
+
+
+def _iter_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The checkpoint directory `path` names: a save directory (via its tracker) or an iter_ dir.
+
+    None when `path` holds no checkpoint yet; CheckpointError when the tracker points nowhere."""
+    root = Path(path)
+    if (root / "metadata.json").is_file():
+        return root
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker}: expected a step number, found {text[:40]!r}")
+    ckpt = _iter_dir(root, int(text))
+    if not (ckpt / "metadata.json").is_file():
+        raise CheckpointError(f"{tracker} names step {text} but {ckpt} is missing or incomplete "
+                              "(no metadata.json)")
+    return ckpt
+
+
+def read_train_state(ckpt: Path) -> TrainState:
+    path = ckpt / "train_state.json"
+    try:
+        return TrainState(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable train state ({e})") from None
+
+
+def _rng_object(layout_shape, layout_offset, replica_id=0):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return ShardedObject("rng_state", state, layout_shape, layout_offset, replica_id=replica_id)
+
+
+def _rng_layout():
+    """RNG states are per rank: one object per (pp, tp, dp) coordinate."""
+    from megatron.core import parallel_state as ps
+
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return shape, offset
+
+
+def _model_sharded(chunks) -> dict:
+    return {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def save_checkpoint(root: str | os.PathLike, chunks, optimizer, state: TrainState, *,
+                    recipe_yaml: str, keep_last: int | None = None) -> Path:
+    """Save model, optimizer, RNG and `state` as step `state.step`; every rank calls this."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = _iter_dir(root, state.step)
+    partial = final.with_name(final.name + ".partial")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    dist.barrier()
+    sharded = {"model": _model_sharded([_unwrap(c) for c in chunks])}
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"])
+    sharded["rng_state"] = _rng_object(*_rng_layout())
+    sharded["train_state"] = asdict(state)
+    dist_checkpointing.save(sharded, str(partial))
+    dist.barrier()
+    if rank0:
+        _write_atomic(partial / "recipe.yaml", recipe_yaml)
+        _write_atomic(partial / "train_state.json", json.dumps(asdict(state), indent=1))
+        if final.exists():  # re-saving a step (e.g. after a crash before the tracker moved)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomic(root / TRACKER, f"{state.step}\n")
+        _apply_retention(root, keep_last, keep=final)
+    dist.barrier()
+    return final
+
+
+def _apply_retention(root: Path, keep_last: int | None, *, keep: Path) -> None:
+    if keep_last is None:
+        return
+    saved = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    for old in saved[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old, keep_last)
+
+
+def _load(sharded: dict, ckpt: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load(sharded, str(ckpt))
+    except CheckpointError:
+        raise
+    except Exception as e:  # megatron raises many types; the user needs the path and the reason
+        reason = " ".join(str(e).split())[:400]
+        raise CheckpointError(f"{ckpt}: cannot load ({type(e).__name__}: {reason})") from e
+
+
+def load_weights(ckpt: Path, chunks) -> None:
+    """Model weights only, at any layout: the start of continual pretraining."""
+    models = [_unwrap(c) for c in chunks]
+    loaded = _load({"model": _model_sharded(models)}, ckpt)
+    for i, model in enumerate(models):
+        model.load_state_dict(loaded["model"][f"chunk{i}"])
+
+
+def load_checkpoint(ckpt: Path, chunks, optimizer, *, load_optim: bool = True,
+                    load_rng: bool = True) -> TrainState:
+    """Resume: model, optimizer (unless load_optim is false), RNG (when the layout matches)."""
+    models = [_unwrap(c) for c in chunks]
+    sharded = {"model": _model_sharded(models)}
+    if optimizer is not None and load_optim:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True)
+    rng_shape, rng_offset = _rng_layout()
+    saved_rng_shape = _saved_rng_shape(ckpt)
+    if load_rng and saved_rng_shape == rng_shape:
+        sharded["rng_state"] = _rng_object(rng_shape, rng_offset)
+    elif load_rng:
+        log.warning("%s: RNG state saved at (pp, tp, dp)=%s, running at %s: not restored",
+                    ckpt, saved_rng_shape, rng_shape)
+    loaded = _load(sharded, ckpt)
+    for i, model in enumerate(models):
+        model.load_state_dict(loaded["model"][f"chunk{i}"])
+    if "optimizer" in sharded:
+        optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None:
+        optimizer.reload_model_params()
+    if "rng_state" in sharded:
+        rng = loaded["rng_state"]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+        get_cuda_rng_tracker().set_states(rng["tracker"])
+    return TrainState(**loaded["train_state"])
+
+
+def _saved_rng_shape(ckpt: Path) -> tuple | None:
+    from megatron.core import dist_checkpointing
+
+    try:
+        metadata = dist_checkpointing.load_sharded_metadata(str(ckpt))
+    except Exception:  # noqa: BLE001 - RNG is optional; weights and optimizer report real errors
+        return None
+    obj = metadata.get("rng_state")
+    return tuple(obj.global_shape) if obj is not None else None

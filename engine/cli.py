@@ -1,0 +1,74 @@
+"""`engine <command>`: a table of commands, each a function taking argv and returning an exit code.
+
+User errors (bad recipe, data, checkpoint) end as one line on stderr, `error: ...`, exit code 2;
+under torchrun only rank 0 prints it (every rank has the same error), but every rank exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from engine.checkpoint.io import CheckpointError
+    from engine.config.errors import ConfigError
+    from engine.data import DataError
+
+    return ConfigError, DataError, CheckpointError
+
+
+def train_main(argv: list[str]) -> int:
+    """`engine train --config RECIPE.yaml [key.sub=value ...]`."""
+    parser = argparse.ArgumentParser(prog="engine train", description=(
+        "Train (or continue training) a model from a recipe, in one process or under torchrun."))
+    parser.add_argument("--config", required=True, help="recipe YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    from engine.config.loader import load_recipe
+    from engine.train.loop import train
+
+    recipe = load_recipe(args.config, args.overrides)
+    logging.getLogger().setLevel(recipe.logging.level.upper())
+    train(recipe)
+    return 0
+
+
+def _data_command(name: str):
+    def run(argv: list[str]) -> int:
+        from engine.data import cli
+        return getattr(cli, name)(argv)
+    return run
+
+
+def _tokenizer_main(argv: list[str]) -> int:
+    if not argv or argv[0] != "train":
+        print("usage: engine tokenizer train --input ... --model-prefix P --vocab-size N",
+              file=sys.stderr)
+        return 2
+    return _data_command("tokenizer_train_main")(argv[1:])
+
+
+COMMANDS = {
+    "train": train_main,
+    "preprocess": _data_command("preprocess_main"),
+    "tokenizer": _tokenizer_main,
+    "corpus": _data_command("corpus_main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(f"usage: engine {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except _user_errors() as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,239 @@
+"""Run megatron-core 0.16.1 on CPU with gloo.
+
+megatron-core assumes CUDA in three ways; each gets one small, named patch:
+
+1. `torch.cuda.*` calls (current_device, synchronize, RNG state, streams, events) in many modules:
+   a CPU shim replaces those functions on `torch.cuda` (they raise without CUDA anyway).
+2. Tensors created with a hard-coded `device="cuda"` in a known list of modules: each of those
+   modules sees a `torch` proxy whose tensor factories put "cuda" tensors on the CPU.
+3. String comparisons of tensor types with `'torch.cuda.FloatTensor'` and friends in the
+   optimizers: those functions are recompiled from their source with the CPU type names.
+
+Everything here names the megatron-core file and symbol it touches. `self_test()` checks each of
+them still exists and still needs the patch, so an upgrade fails loudly instead of silently.
+Must not import engine modules other than the standard library, torch and megatron-core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import sys
+import textwrap
+import types
+
+import torch
+
+_APPLIED = False
+
+# (2) modules that create tensors with device="cuda" (megatron-core 0.16.1), and why we need each.
+CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",  # total_num_tokens in every schedule
+    "megatron.core.transformer.utils",  # get_default_causal_mask / sliding window masks
+    "megatron.core.optimizer.optimizer",  # found_inf, _scale, _dummy_overflow_buf
+    "megatron.core.optimizer.clip_grads",  # total norm and overflow buffers
+    "megatron.core.optimizer.grad_scaler",  # fp16 loss scale tensors
+    "megatron.core.optimizer.distrib_optimizer",  # gather buffers for checkpoint state
+    "megatron.core.distributed.param_and_grad_buffer",  # warm-up / padding tensors
+    "megatron.core.tensor_parallel.data",  # broadcast_data size exchange
+    "megatron.core.rerun_state_machine",  # validation-result reductions
+    "megatron.core.utils",  # norm and hash helpers
+    "megatron.core.transformer.moe.moe_utils",  # per-layer MoE metric trackers
+    "megatron.core.dist_checkpointing.exchange_utils",  # load-time shard exchange buffers
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # save-plan verification
+)
+
+# (3) functions comparing `tensor.type()` with CUDA type names.
+CUDA_TYPE_NAME_FUNCTIONS = (
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
+    ("megatron.core.optimizer.distrib_optimizer",
+     "DistributedOptimizer._build_model_and_main_param_groups"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+)
+_CUDA_TYPE_NAMES = ("torch.cuda.FloatTensor", "torch.cuda.HalfTensor", "torch.cuda.BFloat16Tensor")
+
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "empty_like", "zeros_like",
+              "ones_like", "full_like", "randn", "rand", "randint", "as_tensor")
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or torch.device(device).type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _TorchOnCPU(types.ModuleType):
+    """`torch` as seen by a megatron-core module that hard-codes `device="cuda"`."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        if name in _FACTORIES:
+            def factory(*args, _f=value, **kwargs):
+                if "device" in kwargs:
+                    kwargs["device"] = _cpu_device(kwargs["device"])
+                return _f(*args, **kwargs)
+            return factory
+        return value
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream/Event: CPU ops are synchronous, so waits are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _shim_torch_cuda():
+    """(1) torch.cuda functions megatron-core calls unconditionally."""
+    cuda = torch.cuda
+    cuda.current_device = lambda: torch.device("cpu")
+    cuda.synchronize = lambda *a, **k: None
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+
+
+def _patch_rng_module():
+    """megatron/core/tensor_parallel/random.py: its CUDA RNG helpers index torch.cuda.default_generators.
+
+    On CPU the "CUDA" generator is the CPU default generator, so the RNG tracker forks it."""
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _patch_missing_te_gemm():
+    """megatron/core/transformer/moe/moe_utils.py: `te_general_gemm` is undefined without TE."""
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _recompile_without_cuda_type_names(module_name: str, qualname: str):
+    """(3) Recompile `qualname` from its source with CPU tensor type names.
+
+    The function is compiled inside a scope that defines `__class__`, so zero-argument `super()`
+    keeps working in rewritten methods; it keeps its file and line numbers."""
+    module = importlib.import_module(module_name)
+    owner_name, _, name = qualname.rpartition(".")
+    owner = getattr(module, owner_name) if owner_name else module
+    raw = inspect.getattr_static(owner, name)
+    func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+    lines, first_line = inspect.getsourcelines(func)
+    source = textwrap.dedent("".join(lines))
+    if not any(n in source for n in _CUDA_TYPE_NAMES):
+        raise RuntimeError(f"compat: {module_name}.{qualname} no longer mentions CUDA type names")
+    for cuda_name in _CUDA_TYPE_NAMES:
+        source = source.replace(cuda_name, cuda_name.replace("torch.cuda.", "torch."))
+    # Pad so the recompiled code keeps its line numbers: tracebacks and inspect stay truthful.
+    wrapper = "\n" * (first_line - 2) + "def _make(__class__):\n" + textwrap.indent(source, "    ")
+    wrapper += f"\n    return {name}\n"
+    namespace: dict = {}
+    exec(compile(wrapper, inspect.getsourcefile(func), "exec"), module.__dict__, namespace)
+    new = namespace["_make"](owner if owner_name else None)
+    new.__qualname__ = func.__qualname__
+    if isinstance(raw, staticmethod):
+        new = staticmethod(new)
+    elif isinstance(raw, classmethod):
+        new = classmethod(new)
+    setattr(owner, name, new)
+    if not owner_name:  # module-level functions are also imported by name elsewhere
+        for other in list(sys.modules.values()):
+            if getattr(other, "__name__", "").startswith("megatron.") and \
+                    getattr(other, name, None) is func:
+                setattr(other, name, new)
+
+
+def gloo_config_overrides() -> dict:
+    """TransformerConfig fields that must change on gloo.
+
+    Interleaved pipeline parallelism with batch_p2p_comm=True swaps messages on gloo and gives
+    wrong numbers without an error (measured with megatron-core 0.16.1)."""
+    return {"batch_p2p_comm": False}
+
+
+def is_applied() -> bool:
+    return _APPLIED
+
+
+def apply() -> bool:
+    """Apply every CPU patch once; returns True when patches are in effect."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    _shim_torch_cuda()
+    proxy = _TorchOnCPU()
+    for module_name in CUDA_LITERAL_MODULES:
+        module = importlib.import_module(module_name)
+        module.torch = proxy
+    _patch_rng_module()
+    _patch_missing_te_gemm()
+    for module_name, qualname in CUDA_TYPE_NAME_FUNCTIONS:
+        _recompile_without_cuda_type_names(module_name, qualname)
+    _APPLIED = True
+    return True
+
+
+def self_test() -> None:
+    """Fail loudly if a megatron-core internal this layer relies on has moved or changed.
+
+    Runs against the unpatched sources (inspect reads files), so it works before or after apply()."""
+    for module_name in CUDA_LITERAL_MODULES:
+        module = importlib.import_module(module_name)
+        source = inspect.getsource(module)
+        if "cuda" not in source or not hasattr(module, "torch"):
+            raise RuntimeError(f"compat: {module_name} no longer needs the CPU torch proxy")
+    for module_name, qualname in CUDA_TYPE_NAME_FUNCTIONS:
+        module = importlib.import_module(module_name)
+        obj = module
+        for part in qualname.split("."):
+            obj = inspect.getattr_static(obj, part)
+        obj = obj.__func__ if isinstance(obj, (staticmethod, classmethod)) else obj
+        source = inspect.getsource(obj)
+        if not any(n in source for n in _CUDA_TYPE_NAMES):
+            raise RuntimeError(f"compat: {module_name}.{qualname} no longer mentions CUDA type names")
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    for name in ("_get_cuda_rng_state", "_set_cuda_rng_state", "CudaRNGStatesTracker"):
+        if not hasattr(random, name):
+            raise RuntimeError(f"compat: megatron.core.tensor_parallel.random.{name} is gone")

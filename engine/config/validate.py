@@ -1,0 +1,167 @@
+"""Cross-section rules of a recipe, in one place, and the parallel layout they imply.
+
+Owns `validate(recipe, world_size) -> Layout` and `padded_vocab_size`. Each rule raises a one-line
+ConfigError that shows every factor it multiplied, like torchtitan's `ParallelDims`. Pure: imports
+neither torch nor megatron, reads no environment; the world size is an argument.
+"""
+
+from dataclasses import dataclass
+
+from engine.config.errors import ConfigError
+from engine.config.recipe import Recipe
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Layout:
+    """The resolved parallel layout and batch arithmetic of one run."""
+
+    world_size: int
+    """Number of ranks."""
+    tp: int
+    """Tensor-parallel size."""
+    pp: int
+    """Pipeline-parallel size."""
+    vpp: int | None
+    """Model chunks per pipeline rank; None = no virtual pipeline."""
+    cp: int
+    """Context-parallel size."""
+    ep: int
+    """Expert-parallel size (divides dp)."""
+    dp: int
+    """Data-parallel size: world_size / (tp * pp * cp)."""
+    micro_batch_size: int
+    """Samples per forward/backward on one data-parallel rank."""
+    global_batch_size: int
+    """Samples per optimizer step: num_microbatches * micro_batch_size * dp."""
+    num_microbatches: int
+    """Microbatches each data-parallel rank accumulates per optimizer step."""
+    padded_vocab_size: int | None
+    """Embedding rows after megatron's padding; None while the tokenizer gives the vocabulary."""
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """`vocab_size` rounded up to a multiple of divisible_by * tp, as megatron pads the embedding
+    (megatron/training/tokenizer `_vocab_size_with_padding`), so each TP shard is equally sized."""
+    for name, value in (("vocab_size", vocab_size), ("divisible_by", divisible_by), ("tp", tp)):
+        if value < 1:
+            raise ConfigError(f"padded_vocab_size: {name}: expected >= 1, got {value}")
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _data_parallel_size(recipe: Recipe, world_size: int) -> int:
+    par = recipe.parallel
+    _require(world_size >= 1, f"world_size: expected >= 1, got {world_size}")
+    model_parallel = par.tp * par.pp * par.cp
+    factors = f"tp={par.tp}, pp={par.pp}, cp={par.cp}"
+    _require(world_size % model_parallel == 0,
+             f"world_size={world_size} is not divisible by tp*pp*cp={model_parallel} ({factors})")
+    dp = world_size // model_parallel
+    _require(par.dp is None or par.dp == dp,
+             f"parallel.dp={par.dp} but world_size/(tp*pp*cp)={dp} "
+             f"(world_size={world_size}, {factors})")
+    _require(dp % par.ep == 0,
+             f"parallel.ep={par.ep} must divide dp={dp} (dp = world_size/(tp*pp*cp) = "
+             f"{world_size}/({par.tp}*{par.pp}*{par.cp}))")
+    return dp
+
+
+def _check_model_split(recipe: Recipe) -> None:
+    model, par = recipe.model, recipe.parallel
+    tp = par.tp
+    _require(model.num_attention_heads % tp == 0,
+             f"parallel.tp={tp} must divide model.num_attention_heads={model.num_attention_heads}")
+    if model.num_query_groups is not None:
+        _require(model.num_query_groups % tp == 0,
+                 f"parallel.tp={tp} must divide model.num_query_groups={model.num_query_groups}")
+    _require(model.ffn_hidden_size % tp == 0,
+             f"parallel.tp={tp} must divide model.ffn_hidden_size={model.ffn_hidden_size}")
+    if par.vpp is None:
+        _require(model.num_layers % par.pp == 0,
+                 f"model.num_layers={model.num_layers} must be divisible by parallel.pp={par.pp}")
+    else:
+        chunks = par.pp * par.vpp
+        _require(model.num_layers % chunks == 0,
+                 f"model.num_layers={model.num_layers} must be divisible by pp*vpp={chunks} "
+                 f"(pp={par.pp}, vpp={par.vpp})")
+
+
+def _check_sequence(recipe: Recipe) -> None:
+    model, par, seq = recipe.model, recipe.parallel, recipe.data.seq_length
+    _require(seq <= model.max_position_embeddings,
+             f"data.seq_length={seq} exceeds model.max_position_embeddings="
+             f"{model.max_position_embeddings}")
+    if par.cp > 1:  # megatron splits the sequence into 2*cp chunks to balance causal attention
+        _require(seq % (2 * par.cp) == 0,
+                 f"data.seq_length={seq} must be divisible by 2*cp={2 * par.cp} (cp={par.cp})")
+    if par.sequence_parallel:
+        per_cp_rank = seq // par.cp
+        _require(per_cp_rank % par.tp == 0,
+                 f"data.seq_length/cp={per_cp_rank} must be divisible by parallel.tp={par.tp} "
+                 f"with parallel.sequence_parallel (seq_length={seq}, cp={par.cp})")
+
+
+def _check_vocab(recipe: Recipe) -> int | None:
+    model = recipe.model
+    if model.vocab_size is None:
+        _require(recipe.tokenizer.type != "none",
+                 "model.vocab_size is required when tokenizer.type is 'none'")
+        return None
+    return padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by,
+                             recipe.parallel.tp)
+
+
+def _num_microbatches(recipe: Recipe, dp: int) -> tuple[int, int]:
+    """(global_batch_size, num_microbatches)."""
+    train, par = recipe.train, recipe.parallel
+    mbs = train.micro_batch_size
+    per_step = mbs * dp
+    gbs = per_step if train.global_batch_size is None else train.global_batch_size
+    _require(gbs % per_step == 0,
+             f"train.global_batch_size={gbs} must be divisible by micro_batch_size*dp={per_step} "
+             f"(micro_batch_size={mbs}, dp={dp})")
+    num_microbatches = gbs // per_step
+    if par.vpp is not None:  # the interleaved schedule runs microbatches in groups of pp
+        _require(num_microbatches % par.pp == 0,
+                 f"with parallel.vpp={par.vpp}, num_microbatches={num_microbatches} must be a "
+                 f"multiple of parallel.pp={par.pp} (num_microbatches = global_batch_size/"
+                 f"(micro_batch_size*dp) = {gbs}/({mbs}*{dp}))")
+    return gbs, num_microbatches
+
+
+def _check_training(recipe: Recipe) -> None:
+    train, optim, data = recipe.train, recipe.optim, recipe.data
+    min_lr = train.schedule.min_lr
+    _require(min_lr <= optim.lr, f"train.schedule.min_lr={min_lr} exceeds optim.lr={optim.lr}")
+    if train.eval_interval is not None:
+        _require(bool(data.valid) or data.synthetic,
+                 f"train.eval_interval={train.eval_interval} needs data.valid (none given)")
+
+
+def validate(recipe: Recipe, world_size: int, *, source: str | None = None) -> Layout:
+    """Check the rules that span sections for a run on `world_size` ranks; return its Layout.
+    `source` (the recipe's file) prefixes the error: `configs/x.yaml: parallel.tp=3 must ...`."""
+    try:
+        return _layout(recipe, world_size)
+    except ConfigError as e:
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _layout(recipe: Recipe, world_size: int) -> Layout:
+    dp = _data_parallel_size(recipe, world_size)
+    _check_model_split(recipe)
+    _check_sequence(recipe)
+    vocab = _check_vocab(recipe)
+    gbs, num_microbatches = _num_microbatches(recipe, dp)
+    _check_training(recipe)
+    par = recipe.parallel
+    return Layout(world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp, cp=par.cp, ep=par.ep,
+                  dp=dp, micro_batch_size=recipe.train.micro_batch_size, global_batch_size=gbs,
+                  num_microbatches=num_microbatches, padded_vocab_size=vocab)

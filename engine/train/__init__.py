@@ -1,0 +1,1 @@
+"""Training: distributed setup, schedules, batches, the loop, evaluation, metrics and FLOPs."""

@@ -1,0 +1,170 @@
+"""Everything a training run holds, built from a recipe: model chunks, optimizer, data, state.
+
+Order matters and is written once here: tokenizer (vocab) -> TransformerConfig -> model chunks
+-> DDP -> optimizer -> resume or pretrained weights -> datasets at the resumed position.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine import compat
+from engine.checkpoint import (CheckpointError, TrainState, find_checkpoint, load_checkpoint,
+                               load_weights)
+from engine.config.recipe import Recipe
+from engine.models.build import model_vocab_size, transformer_config, build_model
+from engine.models.spec import resolve_spec
+from engine.train.batches import MicrobatchPlan, SyntheticDataset
+from engine.train.distributed import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    recipe: Recipe
+    runtime: Runtime
+    chunks: list
+    """DDP-wrapped model chunks (one per virtual pipeline stage)."""
+    optimizer: object
+    train_data: object
+    valid_data: dict
+    plan: MicrobatchPlan
+    vocab_size: int
+    state: TrainState
+    resumed_from: Path | None = None
+    initialized_from: Path | None = None
+    tokenizer: object = None
+    extra: dict = field(default_factory=dict)
+
+
+def _tokenizer(recipe: Recipe):
+    if recipe.tokenizer.type == "none":
+        return None
+    from engine.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(recipe.tokenizer.type, recipe.tokenizer.path)
+
+
+def _wrap_ddp(recipe: Recipe, tc, models):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    par = recipe.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        use_distributed_optimizer=par.distributed_optimizer,
+    )
+    return [DistributedDataParallel(config=tc, ddp_config=ddp_config, module=m,
+                                    disable_bucketing=i > 0) for i, m in enumerate(models)]
+
+
+def _optimizer(recipe: Recipe, tc, chunks):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o = recipe.optim
+    config = OptimizerConfig(
+        optimizer=o.name, lr=o.lr, min_lr=recipe.train.schedule.min_lr,
+        weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps, sgd_momentum=o.sgd_momentum, clip_grad=o.clip_grad,
+        bf16=tc.bf16, fp16=tc.fp16, params_dtype=tc.params_dtype,
+        use_distributed_optimizer=recipe.parallel.distributed_optimizer,
+        overlap_param_gather=recipe.parallel.overlap_param_gather,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def _hook_schedules(recipe: Recipe, tc, chunks, optimizer) -> None:
+    """The callbacks megatron-core's schedules call (as Megatron-LM's training.py sets them)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    def one_or_list(fns):
+        return fns[0] if len(fns) == 1 else fns
+
+    tc.grad_scale_func = optimizer.scale_loss
+    tc.finalize_model_grads_func = finalize_model_grads
+    if recipe.parallel.overlap_grad_reduce:
+        tc.no_sync_func = one_or_list([c.no_sync for c in chunks])
+        tc.grad_sync_func = one_or_list([c.start_grad_sync for c in chunks])
+    if recipe.parallel.overlap_param_gather:
+        tc.param_sync_func = one_or_list([c.start_param_sync for c in chunks])
+
+
+def _restore(recipe: Recipe, chunks, optimizer) -> tuple[TrainState | None, Path | None, Path | None]:
+    """(state, resumed_from, initialized_from): resume beats pretrained, so a requeued job resumes."""
+    ck = recipe.checkpoint
+    load_dir = ck.load or ck.save
+    ckpt = find_checkpoint(load_dir) if load_dir else None
+    if ckpt is None and ck.load is not None and ck.load != ck.save:
+        raise CheckpointError(f"checkpoint.load={ck.load}: no checkpoint there "
+                              "(expected latest_checkpointed_iteration.txt or an iter_ directory)")
+    if ckpt is not None:
+        if ck.pretrained:
+            log.info("checkpoint.pretrained=%s ignored: resuming from %s", ck.pretrained, ckpt)
+        state = load_checkpoint(ckpt, chunks, optimizer, load_optim=ck.load_optim,
+                                load_rng=ck.load_rng)
+        return state, ckpt, None
+    if ck.pretrained:
+        src = find_checkpoint(ck.pretrained)
+        if src is None:
+            raise CheckpointError(f"checkpoint.pretrained={ck.pretrained}: no checkpoint there")
+        load_weights(src, chunks)
+        optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the new weights
+        return None, None, src
+    return None, None, None
+
+
+def _datasets(recipe: Recipe, runtime: Runtime, tokenizer, vocab_size: int, resumed: bool):
+    layout, train = runtime.layout, recipe.train
+    train_samples = train.steps * layout.global_batch_size
+    valid_samples = train.eval_steps * layout.global_batch_size
+    if recipe.data.synthetic:
+        vocab = tokenizer.vocab_size if tokenizer is not None else recipe.model.vocab_size
+        return (SyntheticDataset(vocab, recipe.data.seq_length, train.seed, train_samples), {})
+    from engine.data.datasets import build_datasets
+
+    def built_here() -> bool:  # megatron builds index caches on rank 0 first, then the rest
+        return torch.distributed.get_rank() == 0
+    return build_datasets(
+        blend=[(b.path, b.weight) for b in recipe.data.blend],
+        valid={v.name: v.path for v in recipe.data.valid} if train.eval_interval else {},
+        tokenizer=tokenizer, seq_length=recipe.data.seq_length, seed=train.seed,
+        train_samples=train_samples, valid_samples=valid_samples,
+        data_cache_dir=recipe.data.cache_dir, is_built_on_rank=built_here,
+    )
+
+
+def schedule_args(recipe: Recipe) -> dict:
+    return {**asdict(recipe.train.schedule), "lr": recipe.optim.lr, "steps": recipe.train.steps}
+
+
+def build_session(recipe: Recipe, runtime: Runtime) -> Session:
+    tokenizer = _tokenizer(recipe)
+    if tokenizer is not None and recipe.model.vocab_size is not None:
+        from engine.data.datasets import check_vocab
+        check_vocab(tokenizer.vocab_size, recipe.model.vocab_size)
+    vocab_size = model_vocab_size(recipe, tokenizer.vocab_size if tokenizer else None)
+    extra = compat.gloo_config_overrides() if runtime.backend == "gloo" else {}
+    tc = transformer_config(recipe, runtime.layout, on_cpu=runtime.on_cpu, extra=extra)
+    models = build_model(recipe, tc, vocab_size=vocab_size, spec=resolve_spec(recipe.model.spec))
+    if not runtime.on_cpu:
+        models = [m.to(runtime.device) for m in models]
+    chunks = _wrap_ddp(recipe, tc, models)
+    optimizer = _optimizer(recipe, tc, chunks)
+    _hook_schedules(recipe, tc, chunks, optimizer)
+    state, resumed_from, initialized_from = _restore(recipe, chunks, optimizer)
+    state = state or TrainState(step=0, consumed_samples=0, consumed_tokens=0,
+                                schedule=schedule_args(recipe))
+    train_data, valid_data = _datasets(recipe, runtime, tokenizer, vocab_size, resumed_from is not None)
+    from megatron.core import parallel_state as ps
+
+    plan = MicrobatchPlan(layout=runtime.layout, dp_rank=ps.get_data_parallel_rank())
+    return Session(recipe=recipe, runtime=runtime, chunks=chunks, optimizer=optimizer,
+                   train_data=train_data, valid_data=valid_data, plan=plan, vocab_size=vocab_size,
+                   state=state, resumed_from=resumed_from, initialized_from=initialized_from,
+                   tokenizer=tokenizer)

@@ -1,0 +1,151 @@
+"""Cross-section rules: each error shows its factors; the layout's arithmetic always holds."""
+
+import pytest
+from hypothesis import assume, event, given, settings
+from hypothesis import strategies as st
+
+from engine.config import ConfigError, Layout, padded_vocab_size, recipe_from_dict, validate
+
+
+def make(**sections):
+    """A small valid recipe with some sections' keys replaced."""
+    data = {
+        "model": dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
+                      num_query_groups=4, vocab_size=1000, max_position_embeddings=256),
+        "data": dict(synthetic=True, seq_length=128),
+        "train": dict(steps=10),
+    }
+    for name, keys in sections.items():
+        data[name] = {**data.get(name, {}), **keys}
+    return recipe_from_dict(data)
+
+
+def error(recipe, world_size) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(recipe, world_size)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_layout_of_a_valid_recipe():
+    recipe = make(parallel=dict(tp=2, pp=2, vpp=2),
+                  train=dict(micro_batch_size=2, global_batch_size=16))
+    assert validate(recipe, 8) == Layout(
+        world_size=8, tp=2, pp=2, vpp=2, cp=1, ep=1, dp=2, micro_batch_size=2,
+        global_batch_size=16, num_microbatches=4, padded_vocab_size=1024)
+
+
+def test_global_batch_defaults_to_one_microbatch_per_rank():
+    layout = validate(make(train=dict(micro_batch_size=3)), 4)
+    assert (layout.dp, layout.global_batch_size, layout.num_microbatches) == (4, 12, 1)
+
+
+@pytest.mark.parametrize("sections, world_size, message", [
+    (dict(parallel=dict(tp=2, pp=2)), 6,
+     "world_size=6 is not divisible by tp*pp*cp=4 (tp=2, pp=2, cp=1)"),
+    (dict(parallel=dict(tp=2, pp=2, dp=3)), 8,
+     "parallel.dp=3 but world_size/(tp*pp*cp)=2 (world_size=8, tp=2, pp=2, cp=1)"),
+    (dict(parallel=dict(ep=3)), 4,
+     "parallel.ep=3 must divide dp=4 (dp = world_size/(tp*pp*cp) = 4/(1*1*1))"),
+    (dict(parallel=dict(tp=3), model=dict(num_attention_heads=32, num_query_groups=None,
+                                          hidden_size=96)), 3,
+     "parallel.tp=3 must divide model.num_attention_heads=32"),
+    (dict(parallel=dict(tp=4), model=dict(num_attention_heads=32, num_query_groups=2)), 4,
+     "parallel.tp=4 must divide model.num_query_groups=2"),
+    (dict(parallel=dict(tp=2), model=dict(ffn_hidden_size=129)), 2,
+     "parallel.tp=2 must divide model.ffn_hidden_size=129"),
+    (dict(parallel=dict(pp=2, vpp=2), model=dict(num_layers=5)), 2,
+     "model.num_layers=5 must be divisible by pp*vpp=4 (pp=2, vpp=2)"),
+    (dict(parallel=dict(pp=2), model=dict(num_layers=5)), 2,
+     "model.num_layers=5 must be divisible by parallel.pp=2"),
+    (dict(train=dict(micro_batch_size=2, global_batch_size=10)), 2,
+     "train.global_batch_size=10 must be divisible by micro_batch_size*dp=4 "
+     "(micro_batch_size=2, dp=2)"),
+    (dict(parallel=dict(pp=2, vpp=2), train=dict(global_batch_size=6)), 4,
+     "with parallel.vpp=2, num_microbatches=3 must be a multiple of parallel.pp=2 "
+     "(num_microbatches = global_batch_size/(micro_batch_size*dp) = 6/(1*2))"),
+    (dict(parallel=dict(tp=4, sequence_parallel=True), data=dict(seq_length=130)), 4,
+     "data.seq_length/cp=130 must be divisible by parallel.tp=4 with parallel.sequence_parallel "
+     "(seq_length=130, cp=1)"),
+    (dict(parallel=dict(cp=4), data=dict(seq_length=100)), 4,
+     "data.seq_length=100 must be divisible by 2*cp=8 (cp=4)"),
+    (dict(data=dict(seq_length=512)), 1,
+     "data.seq_length=512 exceeds model.max_position_embeddings=256"),
+    (dict(model=dict(vocab_size=None)), 1,
+     "model.vocab_size is required when tokenizer.type is 'none'"),
+    (dict(train=dict(schedule=dict(min_lr=1e-3)), optim=dict(lr=3e-4)), 1,
+     "train.schedule.min_lr=0.001 exceeds optim.lr=0.0003"),
+    (dict(train=dict(eval_interval=5), data=dict(synthetic=False, blend=[{"path": "a"}])), 1,
+     "train.eval_interval=5 needs data.valid (none given)"),
+])
+def test_each_rule_names_its_factors(sections, world_size, message):
+    assert error(make(**sections), world_size) == message
+
+
+def test_source_prefixes_the_error():
+    with pytest.raises(ConfigError) as info:
+        validate(make(parallel=dict(tp=3)), 3, source="configs/cpt.yaml")
+    assert str(info.value) == (
+        "configs/cpt.yaml: parallel.tp=3 must divide model.num_attention_heads=8")
+
+
+def test_world_size_must_be_positive():
+    assert error(make(), 0) == "world_size: expected >= 1, got 0"
+
+
+def test_vocab_from_the_tokenizer_is_not_padded_yet():
+    recipe = make(model=dict(vocab_size=None), tokenizer=dict(type="sentencepiece", path="t.model"))
+    assert validate(recipe, 1).padded_vocab_size is None
+
+
+@pytest.mark.parametrize("vocab, divisible_by, tp, padded", [
+    (50257, 128, 1, 50304),    # GPT-2
+    (128256, 128, 1, 128256),  # Llama 3: already a multiple of 128
+    (128256, 128, 4, 128512),
+    (100008, 128, 2, 100096),  # Aquila
+    (32000, 1, 1, 32000),
+    (1, 128, 8, 1024),
+])
+def test_padded_vocab_size(vocab, divisible_by, tp, padded):
+    assert padded_vocab_size(vocab, divisible_by, tp) == padded
+
+
+def test_padded_vocab_size_rejects_non_positive_inputs():
+    with pytest.raises(ConfigError, match=r"padded_vocab_size: tp: expected >= 1, got 0"):
+        padded_vocab_size(100, 128, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tp=st.sampled_from([1, 2, 3, 4, 8]),
+    pp=st.sampled_from([1, 2, 3, 4]),
+    cp=st.sampled_from([1, 2]),
+    dp=st.integers(1, 8),
+    heads=st.sampled_from([1, 2, 4, 6, 8, 12, 16, 32]),
+    micro_batch_size=st.integers(1, 4),
+    accumulation=st.integers(1, 6),
+    world_size=st.one_of(st.none(), st.integers(1, 128)),
+    vpp=st.sampled_from([None, 2]),
+)
+def test_valid_layouts_multiply_out(tp, pp, cp, dp, heads, micro_batch_size, accumulation,
+                                    world_size, vpp):
+    """Whenever validate accepts, the degrees factor the world and the batches add up."""
+    assume(vpp is None or pp > 1)
+    world_size = tp * pp * cp * dp if world_size is None else world_size
+    recipe = make(
+        model=dict(num_layers=24, hidden_size=heads * 8, ffn_hidden_size=96 * tp,
+                   num_attention_heads=heads, num_query_groups=None),
+        parallel=dict(tp=tp, pp=pp, cp=cp, vpp=vpp, sequence_parallel=tp > 1),
+        train=dict(micro_batch_size=micro_batch_size,
+                   global_batch_size=micro_batch_size * dp * accumulation),
+    )
+    try:
+        layout = validate(recipe, world_size)
+    except ConfigError:
+        event("rejected")
+        return
+    event("accepted")
+    assert layout.tp * layout.pp * layout.dp * layout.cp == world_size
+    assert layout.num_microbatches * layout.micro_batch_size * layout.dp == layout.global_batch_size
+    assert heads % layout.tp == 0 and 24 % (layout.pp * (layout.vpp or 1)) == 0
+    assert layout.padded_vocab_size % (128 * layout.tp) == 0
