@@ -29,6 +29,8 @@ install-dev: $(VENV)/.installed-dev
 $(DEMO)/shakespeare-train.jsonl: | $(VENV)/.installed
 	$(PY) -m engine corpus shakespeare --out $(DEMO)
 
+$(DEMO)/shakespeare-valid.jsonl: $(DEMO)/shakespeare-train.jsonl ;
+
 $(DEMO)/tokenizer.model: $(DEMO)/shakespeare-train.jsonl
 	$(PY) -m engine tokenizer train --input $< --model-prefix $(DEMO)/tokenizer --vocab-size 4096
 
@@ -36,7 +38,10 @@ $(DEMO)/%.idx: $(DEMO)/%.jsonl $(DEMO)/tokenizer.model
 	$(PY) -m engine preprocess --input $< --output-prefix $(DEMO)/$* \
 		--tokenizer-type sentencepiece --tokenizer $(DEMO)/tokenizer.model --workers 2
 
-demo-data: $(DEMO)/shakespeare-train.idx $(DEMO)/shakespeare-valid.idx
+$(DEMO)/code-valid.jsonl: | $(VENV)/.installed
+	$(PY) -m engine corpus stdlib --out $(DEMO)
+
+demo-data: $(DEMO)/shakespeare-train.idx $(DEMO)/shakespeare-valid.idx $(DEMO)/code-valid.idx
 
 demo: demo-data
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m engine train \

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -28,11 +29,16 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
     from engine.config.loader import load_recipe
+    from engine.train.distributed import destroy_distributed
     from engine.train.loop import train
 
     recipe = load_recipe(args.config, args.overrides)
-    logging.getLogger().setLevel(recipe.logging.level.upper())
-    train(recipe)
+    if os.environ.get("RANK", "0") == "0":  # other ranks stay at WARNING: one log, not N copies
+        logging.getLogger().setLevel(recipe.logging.level.upper())
+    try:
+        train(recipe)
+    finally:
+        destroy_distributed()
     return 0
 
 
@@ -64,8 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(f"usage: engine {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO is per-module chatter
+    # megatron-core announces each fallback when TE/apex are absent: expected on CPU.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed")
+    # megatron-core 0.16.1 calls torch.distributed's *_tensor collectives, deprecated in torch 2.13.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     try:
         return COMMANDS[argv[0]](argv[1:])
     except _user_errors() as err:

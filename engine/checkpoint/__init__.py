@@ -3,7 +3,9 @@ and weights-only initialization for continual pretraining."""
 
 from engine.checkpoint.io import (
     CheckpointError,
+    SavedLayout,
     TrainState,
+    current_layout,
     find_checkpoint,
     load_checkpoint,
     load_weights,
@@ -11,5 +13,5 @@ from engine.checkpoint.io import (
     save_checkpoint,
 )
 
-__all__ = ["CheckpointError", "TrainState", "find_checkpoint", "load_checkpoint", "load_weights",
+__all__ = ["CheckpointError", "SavedLayout", "TrainState", "current_layout", "find_checkpoint", "load_checkpoint", "load_weights",
            "read_train_state", "save_checkpoint"]

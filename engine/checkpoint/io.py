@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -108,6 +108,58 @@ def _rng_layout():
     return shape, offset
 
 
+@dataclass(frozen=True, slots=True)
+class SavedLayout:
+    """How a checkpoint was written; stored as dist_checkpointing content metadata."""
+
+    tp: int
+    pp: int
+    dp: int
+    distributed_optimizer: bool
+    optim_sharding: str
+    """megatron-core's `distrib_optim_sharding_type` of the optimizer state."""
+
+    def optimizer_metadata(self) -> dict:
+        return {"distrib_optim_sharding_type": self.optim_sharding,
+                "chained_optim_avoid_prefix": True}
+
+
+def current_layout(*, distributed_optimizer: bool, optim_sharding: str) -> SavedLayout:
+    from megatron.core import parallel_state as ps
+
+    return SavedLayout(tp=ps.get_tensor_model_parallel_world_size(),
+                       pp=ps.get_pipeline_model_parallel_world_size(),
+                       dp=ps.get_data_parallel_world_size(),
+                       distributed_optimizer=distributed_optimizer, optim_sharding=optim_sharding)
+
+
+def read_saved_layout(ckpt: Path) -> SavedLayout | None:
+    from megatron.core import dist_checkpointing
+
+    try:
+        meta = dist_checkpointing.load_content_metadata(str(ckpt)) or {}
+    except Exception:  # noqa: BLE001 - checkpoints from other tools carry no metadata
+        return None
+    return SavedLayout(**meta["layout"]) if "layout" in meta else None
+
+
+def _check_optimizer_compatible(ckpt: Path, saved: SavedLayout | None, now: SavedLayout) -> None:
+    """Refuse, in one line, optimizer state that megatron-core cannot reshard to this layout."""
+    if saved is None or not (saved.distributed_optimizer or now.distributed_optimizer):
+        return  # the regular optimizer's state is sharded like the model: any layout loads
+    hint = "set checkpoint.load_optim=false to resume the weights with a fresh optimizer"
+    if saved.distributed_optimizer != now.distributed_optimizer:
+        raise CheckpointError(
+            f"{ckpt}: optimizer state saved with parallel.distributed_optimizer="
+            f"{str(saved.distributed_optimizer).lower()}, resuming with "
+            f"{str(now.distributed_optimizer).lower()}; {hint}")
+    if saved.optim_sharding == "dp_reshardable" and (saved.tp, saved.pp) != (now.tp, now.pp):
+        raise CheckpointError(
+            f"{ckpt}: distributed optimizer state saved as dp_reshardable at tp={saved.tp} "
+            f"pp={saved.pp} cannot load at tp={now.tp} pp={now.pp} (only the data-parallel size "
+            f"may change); {hint}, or save with checkpoint.optim_sharding=fully_reshardable")
+
+
 def _model_sharded(chunks) -> dict:
     return {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
@@ -117,7 +169,7 @@ def _unwrap(chunk):
 
 
 def save_checkpoint(root: str | os.PathLike, chunks, optimizer, state: TrainState, *,
-                    recipe_yaml: str, keep_last: int | None = None) -> Path:
+                    layout: SavedLayout, recipe_yaml: str, keep_last: int | None = None) -> Path:
     """Save model, optimizer, RNG and `state` as step `state.step`; every rank calls this."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -133,10 +185,11 @@ def save_checkpoint(root: str | os.PathLike, chunks, optimizer, state: TrainStat
     dist.barrier()
     sharded = {"model": _model_sharded([_unwrap(c) for c in chunks])}
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"])
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded["model"], metadata=layout.optimizer_metadata())
     sharded["rng_state"] = _rng_object(*_rng_layout())
     sharded["train_state"] = asdict(state)
-    dist_checkpointing.save(sharded, str(partial))
+    dist_checkpointing.save(sharded, str(partial), content_metadata={"layout": asdict(layout)})
     dist.barrier()
     if rank0:
         _write_atomic(partial / "recipe.yaml", recipe_yaml)
@@ -180,13 +233,19 @@ def load_weights(ckpt: Path, chunks) -> None:
         model.load_state_dict(loaded["model"][f"chunk{i}"])
 
 
-def load_checkpoint(ckpt: Path, chunks, optimizer, *, load_optim: bool = True,
+def load_checkpoint(ckpt: Path, chunks, optimizer, *, layout: SavedLayout, load_optim: bool = True,
                     load_rng: bool = True) -> TrainState:
-    """Resume: model, optimizer (unless load_optim is false), RNG (when the layout matches)."""
+    """Resume: model, optimizer (unless load_optim is false), RNG (when the layout matches).
+
+    The optimizer state is read in the format it was saved in (the checkpoint's metadata)."""
     models = [_unwrap(c) for c in chunks]
     sharded = {"model": _model_sharded(models)}
     if optimizer is not None and load_optim:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True)
+        saved = read_saved_layout(ckpt)
+        _check_optimizer_compatible(ckpt, saved, layout)
+        fmt = replace(layout, optim_sharding=saved.optim_sharding) if saved else layout
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded["model"], is_loading=True, metadata=fmt.optimizer_metadata())
     rng_shape, rng_offset = _rng_layout()
     saved_rng_shape = _saved_rng_shape(ckpt)
     if load_rng and saved_rng_shape == rng_shape:
@@ -198,7 +257,8 @@ def load_checkpoint(ckpt: Path, chunks, optimizer, *, load_optim: bool = True,
     for i, model in enumerate(models):
         model.load_state_dict(loaded["model"][f"chunk{i}"])
     if "optimizer" in sharded:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
+            optimizer.load_state_dict(loaded["optimizer"])
     elif optimizer is not None:
         optimizer.reload_model_params()
     if "rng_state" in sharded:

@@ -9,6 +9,10 @@ megatron-core assumes CUDA in three ways; each gets one small, named patch:
 3. String comparisons of tensor types with `'torch.cuda.FloatTensor'` and friends in the
    optimizers: those functions are recompiled from their source with the CPU type names.
 
+4. Its distributed optimizer mishandles torch.optim's per-parameter Adam `step` (TE/apex
+   FusedAdam keep it per group, so GPU clusters never see this): see
+   `_patch_distributed_optimizer_torch_state`.
+
 Everything here names the megatron-core file and symbol it touches. `self_test()` checks each of
 them still exists and still needs the patch, so an upgrade fails loudly instead of silently.
 Must not import engine modules other than the standard library, torch and megatron-core.
@@ -183,6 +187,47 @@ def _recompile_without_cuda_type_names(module_name: str, qualname: str):
                 setattr(other, name, new)
 
 
+def _patch_distributed_optimizer_torch_state():
+    """megatron/core/optimizer/distrib_optimizer.py, DistributedOptimizer with torch.optim (no
+    TE/apex FusedAdam, i.e. always on CPU) mishandles Adam's per-parameter `step`:
+
+    - `sharded_state_dict(is_loading=True)` calls `state_dict()`, which asserts on `step` of a
+      state that only exists after a first step: we give a never-stepped optimizer its states
+      first, with megatron's own remedy (a step on zero gradients) run at lr = weight_decay = 0
+      so no parameter moves.
+    - `load_state_dict` gives every parameter's state the *same* `step` tensor, then overwrites
+      it in place with the template's (dummy) step while copying the parameter states; torch's
+      Adam also increments it in place once per parameter. After a resume the bias correction
+      is wrong and the run silently diverges from an uninterrupted one: we set each state's
+      `step` to the saved step (kept in the param groups), as its own tensor.
+    """
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    cls = distrib.DistributedOptimizer
+    original_sharded, original_load = cls.sharded_state_dict, cls.load_state_dict
+
+    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args, **kw):
+        if is_loading and not self.optimizer.state:
+            groups = self.optimizer.param_groups
+            saved = [(g["lr"], g["weight_decay"]) for g in groups]
+            for g in groups:
+                g["lr"], g["weight_decay"] = 0.0, 0.0
+            self._init_optimizer_states_with_dummy_values()
+            for g, (lr, wd) in zip(groups, saved, strict=True):
+                g["lr"], g["weight_decay"] = lr, wd
+        return original_sharded(self, model_sharded_state_dict or {}, is_loading, *args, **kw)
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        steps = {g["step"] for g in state_dict["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) == 1:  # the saved step, one tensor per parameter
+            step = float(steps.pop())
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step, dtype=torch.float32)
+
+    cls.sharded_state_dict, cls.load_state_dict = sharded_state_dict, load_state_dict
+
+
 def gloo_config_overrides() -> dict:
     """TransformerConfig fields that must change on gloo.
 
@@ -211,6 +256,7 @@ def apply() -> bool:
     _patch_missing_te_gemm()
     for module_name, qualname in CUDA_TYPE_NAME_FUNCTIONS:
         _recompile_without_cuda_type_names(module_name, qualname)
+    _patch_distributed_optimizer_torch_state()
     _APPLIED = True
     return True
 
@@ -233,6 +279,10 @@ def self_test() -> None:
         source = inspect.getsource(obj)
         if not any(n in source for n in _CUDA_TYPE_NAMES):
             raise RuntimeError(f"compat: {module_name}.{qualname} no longer mentions CUDA type names")
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    if 's["step"] = step' not in inspect.getsource(distrib):  # the module file, patched or not
+        raise RuntimeError("compat: DistributedOptimizer.load_state_dict no longer shares one "
+                           "`step` tensor; drop _patch_distributed_optimizer_torch_state")
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     for name in ("_get_cuda_rng_state", "_set_cuda_rng_state", "CudaRNGStatesTracker"):
         if not hasattr(random, name):

@@ -399,9 +399,14 @@ class CheckpointConfig:
     """On resume, restore optimizer state (and the schedule's step)."""
     load_rng: bool = True
     """On resume, restore the random generators' states."""
+    optim_sharding: str = "dp_reshardable"
+    """How the distributed optimizer's state is saved (megatron-core's sharding types):
+    dp_reshardable (every rank writes its shard; resumes at another data-parallel size only) or
+    fully_reshardable (gathered per parameter on data-parallel rank 0; resumes at any TP/PP/DP)."""
 
     def __post_init__(self):
         p = "checkpoint"
+        _one_of(f"{p}.optim_sharding", self.optim_sharding, ("dp_reshardable", "fully_reshardable"))
         _at_least(f"{p}.save_interval", self.save_interval, 1)
         _at_least(f"{p}.keep_last", self.keep_last, 1)
         if self.save is None:

@@ -87,11 +87,18 @@ def init_distributed(recipe: Recipe, *, timeout_s: int = 600) -> Runtime:
     return Runtime(layout=layout, rank=rank, device=device, backend=backend)
 
 
-def destroy_distributed() -> None:
-    import torch.distributed as dist
+def destroy_parallel_state() -> None:
+    """Tear down megatron-core's groups after a run; the default process group stays, so one
+    process can run several layouts (re-creating it on the same torchrun store collides)."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+
+
+def destroy_distributed() -> None:
+    import torch.distributed as dist
+
+    destroy_parallel_state()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -13,11 +13,11 @@ from pathlib import Path
 from engine.checkpoint import save_checkpoint
 from engine.config.loader import recipe_to_dict
 from engine.config.recipe import Recipe
-from engine.train.distributed import destroy_distributed, init_distributed
+from engine.train.distributed import destroy_parallel_state, init_distributed
 from engine.train.flops import flops_per_token
 from engine.train.metrics import Metrics
 from engine.train.schedule import lr_at
-from engine.train.session import Session, build_session
+from engine.train.session import Session, build_session, checkpoint_layout
 from engine.train.step import eval_loss, train_step
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def _save(session: Session, result: TrainResult) -> None:
     recipe = session.recipe
     result.checkpoint = save_checkpoint(
         recipe.checkpoint.save, session.chunks, session.optimizer, session.state,
-        recipe_yaml=_recipe_yaml(recipe), keep_last=recipe.checkpoint.keep_last)
+        layout=checkpoint_layout(recipe), recipe_yaml=_recipe_yaml(recipe),
+        keep_last=recipe.checkpoint.keep_last)
     log.info("saved checkpoint %s", result.checkpoint)
 
 
@@ -103,6 +104,8 @@ def run(session: Session) -> TrainResult:
                         (ck.save_interval and step % ck.save_interval == 0)):
             _save(session, result)
             saved_step = step
+        if step % recipe.logging.log_interval == 0:  # eval and save time is not training time
+            interval_start = time.perf_counter()
         if stop:
             log.info("stopping at step %d (train.exit_interval=%d)", step, train.exit_interval)
             break
@@ -123,4 +126,4 @@ def train(recipe: Recipe) -> TrainResult:
             log.info("initialized weights from %s", session.initialized_from)
         return run(session)
     finally:
-        destroy_distributed()
+        destroy_parallel_state()

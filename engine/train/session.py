@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from engine import compat
-from engine.checkpoint import (CheckpointError, TrainState, find_checkpoint, load_checkpoint,
-                               load_weights)
+from engine.checkpoint import (CheckpointError, SavedLayout, TrainState, current_layout,
+                               find_checkpoint, load_checkpoint, load_weights)
 from engine.config.recipe import Recipe
 from engine.models.build import model_vocab_size, transformer_config, build_model
 from engine.models.spec import resolve_spec
@@ -106,8 +106,8 @@ def _restore(recipe: Recipe, chunks, optimizer) -> tuple[TrainState | None, Path
     if ckpt is not None:
         if ck.pretrained:
             log.info("checkpoint.pretrained=%s ignored: resuming from %s", ck.pretrained, ckpt)
-        state = load_checkpoint(ckpt, chunks, optimizer, load_optim=ck.load_optim,
-                                load_rng=ck.load_rng)
+        state = load_checkpoint(ckpt, chunks, optimizer, layout=checkpoint_layout(recipe),
+                                load_optim=ck.load_optim, load_rng=ck.load_rng)
         return state, ckpt, None
     if ck.pretrained:
         src = find_checkpoint(ck.pretrained)
@@ -119,24 +119,30 @@ def _restore(recipe: Recipe, chunks, optimizer) -> tuple[TrainState | None, Path
     return None, None, None
 
 
-def _datasets(recipe: Recipe, runtime: Runtime, tokenizer, vocab_size: int, resumed: bool):
+def _datasets(recipe: Recipe, runtime: Runtime, tokenizer):
     layout, train = runtime.layout, recipe.train
     train_samples = train.steps * layout.global_batch_size
     valid_samples = train.eval_steps * layout.global_batch_size
+    if train_samples == 0:  # train.steps=0 only writes the initial weights
+        return None, {}
     if recipe.data.synthetic:
         vocab = tokenizer.vocab_size if tokenizer is not None else recipe.model.vocab_size
         return (SyntheticDataset(vocab, recipe.data.seq_length, train.seed, train_samples), {})
     from engine.data.datasets import build_datasets
 
-    def built_here() -> bool:  # megatron builds index caches on rank 0 first, then the rest
-        return torch.distributed.get_rank() == 0
+    # Every rank reads its own batches (no broadcast); megatron builds index caches on rank 0 first.
     return build_datasets(
         blend=[(b.path, b.weight) for b in recipe.data.blend],
         valid={v.name: v.path for v in recipe.data.valid} if train.eval_interval else {},
         tokenizer=tokenizer, seq_length=recipe.data.seq_length, seed=train.seed,
         train_samples=train_samples, valid_samples=valid_samples,
-        data_cache_dir=recipe.data.cache_dir, is_built_on_rank=built_here,
+        data_cache_dir=recipe.data.cache_dir,
     )
+
+
+def checkpoint_layout(recipe: Recipe) -> SavedLayout:
+    return current_layout(distributed_optimizer=recipe.parallel.distributed_optimizer,
+                          optim_sharding=recipe.checkpoint.optim_sharding)
 
 
 def schedule_args(recipe: Recipe) -> dict:
@@ -160,7 +166,7 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
     state, resumed_from, initialized_from = _restore(recipe, chunks, optimizer)
     state = state or TrainState(step=0, consumed_samples=0, consumed_tokens=0,
                                 schedule=schedule_args(recipe))
-    train_data, valid_data = _datasets(recipe, runtime, tokenizer, vocab_size, resumed_from is not None)
+    train_data, valid_data = _datasets(recipe, runtime, tokenizer)
     from megatron.core import parallel_state as ps
 
     plan = MicrobatchPlan(layout=runtime.layout, dp_rank=ps.get_data_parallel_rank())

@@ -1,0 +1,90 @@
+"""Fixtures shared by the integration and distributed tests: real text, a real tokenizer, a tiny
+Llama recipe, and a torchrun launcher with a timeout."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Python stdlib sources as a corpus (real text on every machine): a 512-piece sentencepiece
+    BPE and megatron .bin/.idx for train and valid."""
+    from engine.data.corpus import build_stdlib_corpus
+    from engine.data.preprocess import preprocess
+    from engine.data.tokenizer import load_tokenizer, train_sentencepiece
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    build_stdlib_corpus(out, max_bytes=600_000)
+    model = train_sentencepiece([str(out / "code-train.jsonl")], str(out / "tok"), 512)
+    tok = load_tokenizer("sentencepiece", model)
+    for split in ("train", "valid"):
+        preprocess([str(out / f"code-{split}.jsonl")], str(out / f"code-{split}"), tok,
+                   progress=False)
+    return {"dir": out, "tokenizer": model, "train": str(out / "code-train"),
+            "valid": str(out / "code-valid")}
+
+
+def tiny_recipe(tiny_data, **sections) -> dict:
+    """A 4-layer GQA Llama on the stdlib corpus; `sections` replace or extend recipe sections."""
+    recipe = {
+        "model": {"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 128,
+                  "num_attention_heads": 4, "num_query_groups": 2, "max_position_embeddings": 64},
+        "parallel": {},
+        "data": {"blend": [{"path": tiny_data["train"], "weight": 1.0}],
+                 "valid": {"code": tiny_data["valid"]}, "seq_length": 32},
+        "tokenizer": {"type": "sentencepiece", "path": tiny_data["tokenizer"]},
+        "train": {"steps": 3, "micro_batch_size": 2, "global_batch_size": 8, "seed": 7,
+                  "schedule": {"style": "cosine", "warmup_steps": 1, "min_lr": 1e-4}},
+        "optim": {"lr": 3e-3},
+        "logging": {"log_interval": 1},
+    }
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values}
+    return recipe
+
+
+@pytest.fixture(scope="session")
+def make_recipe(tiny_data):
+    return lambda **sections: tiny_recipe(tiny_data, **sections)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """`torchrun(nproc, script, *args, timeout=...)`: run a script under torchrun (gloo, one thread
+    per process); raises with the output tail if it fails or times out."""
+
+    def run(nproc: int, script: Path, *args: str, timeout: int = 600) -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               str(script), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                                  start_new_session=True)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"torchrun timed out after {timeout}s:\n{(e.stdout or '')[-3000:]}"
+                                 f"\n{(e.stderr or '')[-3000:]}") from None
+        if proc.returncode != 0:
+            raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                 f"{proc.stderr[-5000:]}")
+        return proc.stdout
+
+    return run
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,29 @@
+"""Run under torchrun by the distributed tests: several training runs in one launch.
+
+argv: SPEC.json OUT.json. SPEC is {"runs": [{"name": ..., "recipe": {...}}, ...]}; each run is a
+full `train()` (parallel state set up and torn down), so one launch (one megatron-core import,
+~7 s per process) serves many layouts. Rank 0 writes {name: {losses, grad_norms, valid}}.
+"""
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    from engine.config.loader import recipe_from_dict
+    from engine.train.loop import train
+
+    spec = json.loads(open(sys.argv[1]).read())
+    results = {}
+    for run in spec["runs"]:
+        result = train(recipe_from_dict(run["recipe"], source=run["name"]))
+        results[run["name"]] = {"losses": result.losses, "grad_norms": result.grad_norms,
+                                "valid": result.valid}
+    if os.environ.get("RANK", "0") == "0":
+        with open(sys.argv[2], "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
