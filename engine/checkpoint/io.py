@@ -216,11 +216,15 @@ def _apply_retention(root: Path, keep_last: int | None, *, keep: Path) -> None:
 def _load(sharded: dict, ckpt: Path) -> dict:
     from megatron.core import dist_checkpointing
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         return dist_checkpointing.load(sharded, str(ckpt))
     except CheckpointError:
         raise
-    except Exception as e:  # megatron raises many types; the user needs the path and the reason
+    # megatron raises many types, torch's CheckpointException is a BaseException: the user
+    # needs the path and the reason in one line.
+    except (Exception, CheckpointException) as e:
         reason = " ".join(str(e).split())[:400]
         raise CheckpointError(f"{ckpt}: cannot load ({type(e).__name__}: {reason})") from e
 
@@ -237,17 +241,18 @@ def load_checkpoint(ckpt: Path, chunks, optimizer, *, layout: SavedLayout, load_
                     load_rng: bool = True) -> TrainState:
     """Resume: model, optimizer (unless load_optim is false), RNG (when the layout matches).
 
-    The optimizer state is read in the format it was saved in (the checkpoint's metadata)."""
+    The optimizer state is read in the format it was saved in (the checkpoint's metadata). A
+    step-0 checkpoint (`train.steps=0`: initial weights) has no optimizer state to read."""
     models = [_unwrap(c) for c in chunks]
     sharded = {"model": _model_sharded(models)}
-    if optimizer is not None and load_optim:
-        saved = read_saved_layout(ckpt)
+    saved = read_saved_layout(ckpt)
+    if optimizer is not None and load_optim and read_train_state(ckpt).step > 0:
         _check_optimizer_compatible(ckpt, saved, layout)
         fmt = replace(layout, optim_sharding=saved.optim_sharding) if saved else layout
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded["model"], is_loading=True, metadata=fmt.optimizer_metadata())
     rng_shape, rng_offset = _rng_layout()
-    saved_rng_shape = _saved_rng_shape(ckpt)
+    saved_rng_shape = (saved.pp, saved.tp, saved.dp) if saved else None
     if load_rng and saved_rng_shape == rng_shape:
         sharded["rng_state"] = _rng_object(rng_shape, rng_offset)
     elif load_rng:
@@ -270,14 +275,3 @@ def load_checkpoint(ckpt: Path, chunks, optimizer, *, layout: SavedLayout, load_
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
         get_cuda_rng_tracker().set_states(rng["tracker"])
     return TrainState(**loaded["train_state"])
-
-
-def _saved_rng_shape(ckpt: Path) -> tuple | None:
-    from megatron.core import dist_checkpointing
-
-    try:
-        metadata = dist_checkpointing.load_sharded_metadata(str(ckpt))
-    except Exception:  # noqa: BLE001 - RNG is optional; weights and optimizer report real errors
-        return None
-    obj = metadata.get("rng_state")
-    return tuple(obj.global_shape) if obj is not None else None

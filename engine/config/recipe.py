@@ -312,6 +312,11 @@ class TrainConfig:
     """Seed of model initialization, dropout and data order."""
     precision: str = "fp32"
     """fp32|bf16|fp16: parameter and compute precision (fp16 uses a dynamic loss scale)."""
+    fp8: str | None = None
+    """FP8 matrix multiplies through Transformer Engine: hybrid (e4m3 forward, e5m2 gradients)
+    or e4m3; null = off. Needs the TE layer spec (a CUDA machine with transformer-engine)."""
+    fp8_recipe: str = "delayed"
+    """TE scaling recipe with fp8: delayed|tensorwise|mxfp8|blockwise (megatron's fp8_recipe)."""
     eval_interval: int | None = None
     """Evaluate on data.valid every this many steps; null = no evaluation."""
     eval_steps: int = 10
@@ -334,6 +339,9 @@ class TrainConfig:
             _at_least(f"{p}.{name}", getattr(self, name), 1)
         _at_least(f"{p}.seed", self.seed, 0)
         _one_of(f"{p}.precision", self.precision, ("fp32", "bf16", "fp16"))
+        if self.fp8 is not None:
+            _one_of(f"{p}.fp8", self.fp8, ("hybrid", "e4m3"))
+        _one_of(f"{p}.fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
         _one_of(f"{p}.recompute", self.recompute, ("none", "selective", "full"))
         s = self.schedule
         if s.warmup_steps > self.steps:

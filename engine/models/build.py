@@ -60,10 +60,24 @@ def transformer_config(recipe: Recipe, layout: Layout, *, on_cpu: bool, extra: d
         masked_softmax_fusion=not on_cpu, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
+        **({"fp8": train.fp8, "fp8_recipe": train.fp8_recipe} if train.fp8 else {}),
         **recompute,
     )
     kwargs.update(extra or {})
     return TransformerConfig(**kwargs)
+
+
+def _check_rope_scaling(scaling) -> None:
+    """megatron-core 0.16.1's GPTModel passes only the factor through; the other Llama-3 scaling
+    constants are fixed at its defaults, so a recipe asking for others would silently differ."""
+    from engine.config.errors import ConfigError
+    from engine.config.recipe import RopeScaling
+
+    fixed = RopeScaling(factor=scaling.factor)
+    for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if getattr(scaling, name) != getattr(fixed, name):
+            raise ConfigError(f"model.rotary_scaling.{name}={getattr(scaling, name)}: megatron-core "
+                              f"0.16.1 supports only {getattr(fixed, name)}")
 
 
 def build_model(recipe: Recipe, tc, *, vocab_size: int, spec: str) -> list[torch.nn.Module]:
@@ -74,6 +88,8 @@ def build_model(recipe: Recipe, tc, *, vocab_size: int, spec: str) -> list[torch
     m = recipe.model
     family = get_family(m.family)
     scaling = m.rotary_scaling
+    if scaling is not None:
+        _check_rope_scaling(scaling)
     chunks = []
     for vp_stage in range(tc.virtual_pipeline_model_parallel_size or 1):
         vp = vp_stage if tc.virtual_pipeline_model_parallel_size else None

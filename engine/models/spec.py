@@ -19,16 +19,18 @@ def have_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def resolve_spec(requested: str) -> str:
-    """`model.spec` auto|local|te -> local|te, refusing te where it cannot run."""
+def resolve_spec(requested: str, *, fp8: str | None = None) -> str:
+    """`model.spec` auto|local|te -> local|te, refusing te (and fp8) where it cannot run."""
     usable_te = torch.cuda.is_available() and have_transformer_engine()
-    if requested == "auto":
-        return "te" if usable_te else "local"
+    why = "CUDA is not available" if not torch.cuda.is_available() else \
+        "transformer-engine is not installed (pip install '.[gpu]')"
     if requested == "te" and not usable_te:
-        why = "CUDA is not available" if not torch.cuda.is_available() else \
-            "transformer-engine is not installed (pip install '.[gpu]')"
         raise ConfigError(f"model.spec=te: {why}; use model.spec=local or auto")
-    return requested
+    spec = ("te" if usable_te else "local") if requested == "auto" else requested
+    if fp8 and spec != "te":
+        raise ConfigError(f"train.fp8={fp8} needs Transformer Engine layers (model.spec=te), "
+                          f"but the spec is {spec}" + ("" if usable_te else f": {why}"))
+    return spec
 
 
 def _swap_leaves(node, old: tuple[type, ...], new: type):

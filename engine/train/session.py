@@ -155,9 +155,12 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
         from engine.data.datasets import check_vocab
         check_vocab(tokenizer.vocab_size, recipe.model.vocab_size)
     vocab_size = model_vocab_size(recipe, tokenizer.vocab_size if tokenizer else None)
+    # Data first: a bad path or a corrupt .idx fails in seconds, before the model is built.
+    train_data, valid_data = _datasets(recipe, runtime, tokenizer)
+    spec = resolve_spec(recipe.model.spec, fp8=recipe.train.fp8)
     extra = compat.gloo_config_overrides() if runtime.backend == "gloo" else {}
     tc = transformer_config(recipe, runtime.layout, on_cpu=runtime.on_cpu, extra=extra)
-    models = build_model(recipe, tc, vocab_size=vocab_size, spec=resolve_spec(recipe.model.spec))
+    models = build_model(recipe, tc, vocab_size=vocab_size, spec=spec)
     if not runtime.on_cpu:
         models = [m.to(runtime.device) for m in models]
     chunks = _wrap_ddp(recipe, tc, models)
@@ -166,7 +169,6 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
     state, resumed_from, initialized_from = _restore(recipe, chunks, optimizer)
     state = state or TrainState(step=0, consumed_samples=0, consumed_tokens=0,
                                 schedule=schedule_args(recipe))
-    train_data, valid_data = _datasets(recipe, runtime, tokenizer)
     from megatron.core import parallel_state as ps
 
     plan = MicrobatchPlan(layout=runtime.layout, dp_rank=ps.get_data_parallel_rank())

@@ -32,6 +32,13 @@ def test_llama3_8b_matches_published_count():
     assert counts.total == _hf_count(model, model.vocab_size)
 
 
+def test_llama32_1b_matches_published_count():
+    model = load_recipe("configs/llama3.2-1b.yaml").model
+    counts = count_parameters(model, model.vocab_size)
+    assert counts.total == 1_235_814_400  # meta-llama/Llama-3.2-1B (tied embeddings)
+    assert counts.total == _hf_count(model, model.vocab_size)
+
+
 def test_aquila_7b_matches_transformers_count():
     model = load_recipe("configs/aquila-7b.yaml").model
     counts = count_parameters(model, model.vocab_size)
