@@ -23,8 +23,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def train_main(argv: list[str]) -> int:
     """`engine train --config RECIPE.yaml [key.sub=value ...]`."""
-    parser = argparse.ArgumentParser(prog="engine train", description=(
-        "Train (or continue training) a model from a recipe, in one process or under torchrun."))
+    parser = argparse.ArgumentParser(
+        prog="engine train",
+        description=(
+            "Train (or continue training) a model from a recipe, in one process or under torchrun."
+        ),
+    )
     parser.add_argument("--config", required=True, help="recipe YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
@@ -45,14 +49,18 @@ def train_main(argv: list[str]) -> int:
 def _data_command(name: str):
     def run(argv: list[str]) -> int:
         from engine.data import cli
+
         return getattr(cli, name)(argv)
+
     return run
 
 
 def _tokenizer_main(argv: list[str]) -> int:
     if not argv or argv[0] != "train":
-        print("usage: engine tokenizer train --input ... --model-prefix P --vocab-size N",
-              file=sys.stderr)
+        print(
+            "usage: engine tokenizer train --input ... --model-prefix P --vocab-size N",
+            file=sys.stderr,
+        )
         return 2
     return _data_command("tokenizer_train_main")(argv[1:])
 
@@ -71,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: engine {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     rank0 = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO is per-module chatter
     # megatron-core announces each fallback when TE/apex are absent: expected on CPU.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed")

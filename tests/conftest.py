@@ -26,23 +26,42 @@ def tiny_data(tmp_path_factory):
     model = train_sentencepiece([str(out / "code-train.jsonl")], str(out / "tok"), 512)
     tok = load_tokenizer("sentencepiece", model)
     for split in ("train", "valid"):
-        preprocess([str(out / f"code-{split}.jsonl")], str(out / f"code-{split}"), tok,
-                   progress=False)
-    return {"dir": out, "tokenizer": model, "train": str(out / "code-train"),
-            "valid": str(out / "code-valid")}
+        preprocess(
+            [str(out / f"code-{split}.jsonl")], str(out / f"code-{split}"), tok, progress=False
+        )
+    return {
+        "dir": out,
+        "tokenizer": model,
+        "train": str(out / "code-train"),
+        "valid": str(out / "code-valid"),
+    }
 
 
 def tiny_recipe(tiny_data, **sections) -> dict:
     """A 4-layer GQA Llama on the stdlib corpus; `sections` replace or extend recipe sections."""
     recipe = {
-        "model": {"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 128,
-                  "num_attention_heads": 4, "num_query_groups": 2, "max_position_embeddings": 64},
+        "model": {
+            "num_layers": 4,
+            "hidden_size": 64,
+            "ffn_hidden_size": 128,
+            "num_attention_heads": 4,
+            "num_query_groups": 2,
+            "max_position_embeddings": 64,
+        },
         "parallel": {},
-        "data": {"blend": [{"path": tiny_data["train"], "weight": 1.0}],
-                 "valid": {"code": tiny_data["valid"]}, "seq_length": 32},
+        "data": {
+            "blend": [{"path": tiny_data["train"], "weight": 1.0}],
+            "valid": {"code": tiny_data["valid"]},
+            "seq_length": 32,
+        },
         "tokenizer": {"type": "sentencepiece", "path": tiny_data["tokenizer"]},
-        "train": {"steps": 3, "micro_batch_size": 2, "global_batch_size": 8, "seed": 7,
-                  "schedule": {"style": "cosine", "warmup_steps": 1, "min_lr": 1e-4}},
+        "train": {
+            "steps": 3,
+            "micro_batch_size": 2,
+            "global_batch_size": 8,
+            "seed": 7,
+            "schedule": {"style": "cosine", "warmup_steps": 1, "min_lr": 1e-4},
+        },
         "optim": {"lr": 3e-3},
         "logging": {"log_interval": 1},
     }
@@ -68,19 +87,39 @@ def torchrun():
     per process); raises with the output tail if it fails or times out."""
 
     def run(nproc: int, script: Path, *args: str, timeout: int = 600) -> str:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-               str(script), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            str(script),
+            *args,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                                  start_new_session=True)
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                start_new_session=True,
+            )
         except subprocess.TimeoutExpired as e:
-            raise AssertionError(f"torchrun timed out after {timeout}s:\n{(e.stdout or '')[-3000:]}"
-                                 f"\n{(e.stderr or '')[-3000:]}") from None
+            raise AssertionError(
+                f"torchrun timed out after {timeout}s:\n{(e.stdout or '')[-3000:]}"
+                f"\n{(e.stderr or '')[-3000:]}"
+            ) from None
         if proc.returncode != 0:
-            raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                                 f"{proc.stderr[-5000:]}")
+            raise AssertionError(
+                f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                f"{proc.stderr[-5000:]}"
+            )
         return proc.stdout
 
     return run

@@ -13,5 +13,14 @@ from engine.checkpoint.io import (
     save_checkpoint,
 )
 
-__all__ = ["CheckpointError", "SavedLayout", "TrainState", "current_layout", "find_checkpoint", "load_checkpoint", "load_weights",
-           "read_train_state", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "SavedLayout",
+    "TrainState",
+    "current_layout",
+    "find_checkpoint",
+    "load_checkpoint",
+    "load_weights",
+    "read_train_state",
+    "save_checkpoint",
+]

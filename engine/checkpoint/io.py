@@ -73,8 +73,9 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
         raise CheckpointError(f"{tracker}: expected a step number, found {text[:40]!r}")
     ckpt = _iter_dir(root, int(text))
     if not (ckpt / "metadata.json").is_file():
-        raise CheckpointError(f"{tracker} names step {text} but {ckpt} is missing or incomplete "
-                              "(no metadata.json)")
+        raise CheckpointError(
+            f"{tracker} names step {text} but {ckpt} is missing or incomplete (no metadata.json)"
+        )
     return ckpt
 
 
@@ -90,8 +91,11 @@ def _rng_object(layout_shape, layout_offset, replica_id=0):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "tracker": get_cuda_rng_tracker().get_states()}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return ShardedObject("rng_state", state, layout_shape, layout_offset, replica_id=replica_id)
@@ -101,10 +105,16 @@ def _rng_layout():
     """RNG states are per rank: one object per (pp, tp, dp) coordinate."""
     from megatron.core import parallel_state as ps
 
-    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-             ps.get_data_parallel_world_size())
-    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-              ps.get_data_parallel_rank())
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
     return shape, offset
 
 
@@ -120,17 +130,22 @@ class SavedLayout:
     """megatron-core's `distrib_optim_sharding_type` of the optimizer state."""
 
     def optimizer_metadata(self) -> dict:
-        return {"distrib_optim_sharding_type": self.optim_sharding,
-                "chained_optim_avoid_prefix": True}
+        return {
+            "distrib_optim_sharding_type": self.optim_sharding,
+            "chained_optim_avoid_prefix": True,
+        }
 
 
 def current_layout(*, distributed_optimizer: bool, optim_sharding: str) -> SavedLayout:
     from megatron.core import parallel_state as ps
 
-    return SavedLayout(tp=ps.get_tensor_model_parallel_world_size(),
-                       pp=ps.get_pipeline_model_parallel_world_size(),
-                       dp=ps.get_data_parallel_world_size(),
-                       distributed_optimizer=distributed_optimizer, optim_sharding=optim_sharding)
+    return SavedLayout(
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        distributed_optimizer=distributed_optimizer,
+        optim_sharding=optim_sharding,
+    )
 
 
 def read_saved_layout(ckpt: Path) -> SavedLayout | None:
@@ -152,12 +167,14 @@ def _check_optimizer_compatible(ckpt: Path, saved: SavedLayout | None, now: Save
         raise CheckpointError(
             f"{ckpt}: optimizer state saved with parallel.distributed_optimizer="
             f"{str(saved.distributed_optimizer).lower()}, resuming with "
-            f"{str(now.distributed_optimizer).lower()}; {hint}")
+            f"{str(now.distributed_optimizer).lower()}; {hint}"
+        )
     if saved.optim_sharding == "dp_reshardable" and (saved.tp, saved.pp) != (now.tp, now.pp):
         raise CheckpointError(
             f"{ckpt}: distributed optimizer state saved as dp_reshardable at tp={saved.tp} "
             f"pp={saved.pp} cannot load at tp={now.tp} pp={now.pp} (only the data-parallel size "
-            f"may change); {hint}, or save with checkpoint.optim_sharding=fully_reshardable")
+            f"may change); {hint}, or save with checkpoint.optim_sharding=fully_reshardable"
+        )
 
 
 def _model_sharded(chunks) -> dict:
@@ -168,8 +185,16 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def save_checkpoint(root: str | os.PathLike, chunks, optimizer, state: TrainState, *,
-                    layout: SavedLayout, recipe_yaml: str, keep_last: int | None = None) -> Path:
+def save_checkpoint(
+    root: str | os.PathLike,
+    chunks,
+    optimizer,
+    state: TrainState,
+    *,
+    layout: SavedLayout,
+    recipe_yaml: str,
+    keep_last: int | None = None,
+) -> Path:
     """Save model, optimizer, RNG and `state` as step `state.step`; every rank calls this."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -186,7 +211,8 @@ def save_checkpoint(root: str | os.PathLike, chunks, optimizer, state: TrainStat
     sharded = {"model": _model_sharded([_unwrap(c) for c in chunks])}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded["model"], metadata=layout.optimizer_metadata())
+            sharded["model"], metadata=layout.optimizer_metadata()
+        )
     sharded["rng_state"] = _rng_object(*_rng_layout())
     sharded["train_state"] = asdict(state)
     dist_checkpointing.save(sharded, str(partial), content_metadata={"layout": asdict(layout)})
@@ -215,7 +241,6 @@ def _apply_retention(root: Path, keep_last: int | None, *, keep: Path) -> None:
 
 def _load(sharded: dict, ckpt: Path) -> dict:
     from megatron.core import dist_checkpointing
-
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
@@ -237,8 +262,15 @@ def load_weights(ckpt: Path, chunks) -> None:
         model.load_state_dict(loaded["model"][f"chunk{i}"])
 
 
-def load_checkpoint(ckpt: Path, chunks, optimizer, *, layout: SavedLayout, load_optim: bool = True,
-                    load_rng: bool = True) -> TrainState:
+def load_checkpoint(
+    ckpt: Path,
+    chunks,
+    optimizer,
+    *,
+    layout: SavedLayout,
+    load_optim: bool = True,
+    load_rng: bool = True,
+) -> TrainState:
     """Resume: model, optimizer (unless load_optim is false), RNG (when the layout matches).
 
     The optimizer state is read in the format it was saved in (the checkpoint's metadata). A
@@ -250,14 +282,19 @@ def load_checkpoint(ckpt: Path, chunks, optimizer, *, layout: SavedLayout, load_
         _check_optimizer_compatible(ckpt, saved, layout)
         fmt = replace(layout, optim_sharding=saved.optim_sharding) if saved else layout
         sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded["model"], is_loading=True, metadata=fmt.optimizer_metadata())
+            sharded["model"], is_loading=True, metadata=fmt.optimizer_metadata()
+        )
     rng_shape, rng_offset = _rng_layout()
     saved_rng_shape = (saved.pp, saved.tp, saved.dp) if saved else None
     if load_rng and saved_rng_shape == rng_shape:
         sharded["rng_state"] = _rng_object(rng_shape, rng_offset)
     elif load_rng:
-        log.warning("%s: RNG state saved at (pp, tp, dp)=%s, running at %s: not restored",
-                    ckpt, saved_rng_shape, rng_shape)
+        log.warning(
+            "%s: RNG state saved at (pp, tp, dp)=%s, running at %s: not restored",
+            ckpt,
+            saved_rng_shape,
+            rng_shape,
+        )
     loaded = _load(sharded, ckpt)
     for i, model in enumerate(models):
         model.load_state_dict(loaded["model"][f"chunk{i}"])
@@ -273,5 +310,6 @@ def load_checkpoint(ckpt: Path, chunks, optimizer, *, layout: SavedLayout, load_
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
         get_cuda_rng_tracker().set_states(rng["tracker"])
     return TrainState(**loaded["train_state"])

@@ -51,15 +51,31 @@ CUDA_LITERAL_MODULES = (
 # (3) functions comparing `tensor.type()` with CUDA type names.
 CUDA_TYPE_NAME_FUNCTIONS = (
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
-    ("megatron.core.optimizer.distrib_optimizer",
-     "DistributedOptimizer._build_model_and_main_param_groups"),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer._build_model_and_main_param_groups",
+    ),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
 )
 _CUDA_TYPE_NAMES = ("torch.cuda.FloatTensor", "torch.cuda.HalfTensor", "torch.cuda.BFloat16Tensor")
 
-_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "empty_like", "zeros_like",
-              "ones_like", "full_like", "randn", "rand", "randint", "as_tensor")
+_FACTORIES = (
+    "tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "empty_like",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "randn",
+    "rand",
+    "randint",
+    "as_tensor",
+)
 
 
 def _cpu_device(device):
@@ -79,10 +95,12 @@ class _TorchOnCPU(types.ModuleType):
     def __getattr__(self, name):
         value = getattr(torch, name)
         if name in _FACTORIES:
+
             def factory(*args, _f=value, **kwargs):
                 if "device" in kwargs:
                     kwargs["device"] = _cpu_device(kwargs["device"])
                 return _f(*args, **kwargs)
+
             return factory
         return value
 
@@ -137,7 +155,8 @@ def _shim_torch_cuda():
 
 
 def _patch_rng_module():
-    """megatron/core/tensor_parallel/random.py: its CUDA RNG helpers index torch.cuda.default_generators.
+    """megatron/core/tensor_parallel/random.py: its CUDA RNG helpers index
+    torch.cuda.default_generators.
 
     On CPU the "CUDA" generator is the CPU default generator, so the RNG tracker forks it."""
     random = importlib.import_module("megatron.core.tensor_parallel.random")
@@ -182,8 +201,10 @@ def _recompile_without_cuda_type_names(module_name: str, qualname: str):
     setattr(owner, name, new)
     if not owner_name:  # module-level functions are also imported by name elsewhere
         for other in list(sys.modules.values()):
-            if getattr(other, "__name__", "").startswith("megatron.") and \
-                    getattr(other, name, None) is func:
+            if (
+                getattr(other, "__name__", "").startswith("megatron.")
+                and getattr(other, name, None) is func
+            ):
                 setattr(other, name, new)
 
 
@@ -264,7 +285,7 @@ def apply() -> bool:
 def self_test() -> None:
     """Fail loudly if a megatron-core internal this layer relies on has moved or changed.
 
-    Runs against the unpatched sources (inspect reads files), so it works before or after apply()."""
+    Reads the unpatched sources (inspect reads files), so it works before or after apply()."""
     for module_name in CUDA_LITERAL_MODULES:
         module = importlib.import_module(module_name)
         source = inspect.getsource(module)
@@ -278,11 +299,15 @@ def self_test() -> None:
         obj = obj.__func__ if isinstance(obj, (staticmethod, classmethod)) else obj
         source = inspect.getsource(obj)
         if not any(n in source for n in _CUDA_TYPE_NAMES):
-            raise RuntimeError(f"compat: {module_name}.{qualname} no longer mentions CUDA type names")
+            raise RuntimeError(
+                f"compat: {module_name}.{qualname} no longer mentions CUDA type names"
+            )
     distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
     if 's["step"] = step' not in inspect.getsource(distrib):  # the module file, patched or not
-        raise RuntimeError("compat: DistributedOptimizer.load_state_dict no longer shares one "
-                           "`step` tensor; drop _patch_distributed_optimizer_torch_state")
+        raise RuntimeError(
+            "compat: DistributedOptimizer.load_state_dict no longer shares one "
+            "`step` tensor; drop _patch_distributed_optimizer_torch_state"
+        )
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     for name in ("_get_cuda_rng_state", "_set_cuda_rng_state", "CudaRNGStatesTracker"):
         if not hasattr(random, name):

@@ -303,7 +303,7 @@ class TrainConfig:
     """Key `train`: steps, batch sizes, precision, evaluation cadence and recomputation."""
 
     steps: int = 100
-    """Number of optimizer steps to train for (megatron train_iters); 0 saves the initial weights."""
+    """Optimizer steps to train for (megatron train_iters); 0 saves the initial weights."""
     micro_batch_size: int = 1
     """Samples per forward/backward on one data-parallel rank."""
     global_batch_size: int | None = None

@@ -29,4 +29,6 @@ def family_for_hf_architecture(architecture: str) -> Family:
         if architecture in family.hf_architectures:
             return family
     known = sorted(a for f in FAMILIES.values() for a in f.hf_architectures)
-    raise ConfigError(f"unsupported HF architecture '{architecture}'; supported: {', '.join(known)}")
+    raise ConfigError(
+        f"unsupported HF architecture '{architecture}'; supported: {', '.join(known)}"
+    )

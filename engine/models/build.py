@@ -1,4 +1,4 @@
-"""Build megatron-core `GPTModel` chunks from a recipe: recipe -> TransformerConfig -> spec -> model.
+"""Build megatron-core `GPTModel` chunks: recipe -> TransformerConfig -> layer spec -> model.
 
 Needs `megatron.core.parallel_state` initialized (the pipeline rank decides which layers are
 built). The model knows nothing of data, optimizers or checkpoints.
@@ -21,6 +21,7 @@ def model_vocab_size(recipe: Recipe, tokenizer_vocab_size: int | None) -> int:
     vocab = recipe.model.vocab_size or tokenizer_vocab_size
     if vocab is None:
         from engine.config.errors import ConfigError
+
         raise ConfigError("model.vocab_size is required when tokenizer.type is none")
     return padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tp)
 
@@ -34,31 +35,56 @@ def transformer_config(recipe: Recipe, layout: Layout, *, on_cpu: bool, extra: d
     m, par, train = recipe.model, recipe.parallel, recipe.train
     family = get_family(m.family)
     dtype = DTYPES[train.precision]
-    recompute = {} if train.recompute == "none" else {
-        "recompute_granularity": train.recompute,
-        **({"recompute_method": "uniform", "recompute_num_layers": train.recompute_num_layers}
-           if train.recompute == "full" else {}),
-    }
+    recompute = (
+        {}
+        if train.recompute == "none"
+        else {
+            "recompute_granularity": train.recompute,
+            **(
+                {"recompute_method": "uniform", "recompute_num_layers": train.recompute_num_layers}
+                if train.recompute == "full"
+                else {}
+            ),
+        }
+    )
     kwargs = dict(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-        kv_channels=m.kv_channels, add_qkv_bias=m.add_qkv_bias,
-        layernorm_epsilon=m.layernorm_epsilon, init_method_std=m.init_method_std,
-        hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
-        normalization=family.normalization, gated_linear_unit=family.gated_linear_unit,
-        activation_func=torch.nn.functional.silu, add_bias_linear=family.add_bias_linear,
-        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp, context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep, sequence_parallel=par.sequence_parallel,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16, autocast_dtype=dtype,
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        add_qkv_bias=m.add_qkv_bias,
+        layernorm_epsilon=m.layernorm_epsilon,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        normalization=family.normalization,
+        gated_linear_unit=family.gated_linear_unit,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=family.add_bias_linear,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        sequence_parallel=par.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        autocast_dtype=dtype,
         # Token-weighted loss: every layout and microbatch split averages over the same tokens.
         calculate_per_token_loss=True,
         # CPU: initialize full weights on the CPU generator; kernels below need CUDA (TE/apex/jit).
-        use_cpu_initialization=on_cpu, perform_initialization=True,
-        bias_activation_fusion=not on_cpu, bias_dropout_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False, persist_layer_norm=False,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=True,
+        bias_activation_fusion=not on_cpu,
+        bias_dropout_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
         **({"fp8": train.fp8, "fp8_recipe": train.fp8_recipe} if train.fp8 else {}),
         **recompute,
@@ -76,8 +102,10 @@ def _check_rope_scaling(scaling) -> None:
     fixed = RopeScaling(factor=scaling.factor)
     for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
         if getattr(scaling, name) != getattr(fixed, name):
-            raise ConfigError(f"model.rotary_scaling.{name}={getattr(scaling, name)}: megatron-core "
-                              f"0.16.1 supports only {getattr(fixed, name)}")
+            raise ConfigError(
+                f"model.rotary_scaling.{name}={getattr(scaling, name)}: megatron-core "
+                f"0.16.1 supports only {getattr(fixed, name)}"
+            )
 
 
 def build_model(recipe: Recipe, tc, *, vocab_size: int, spec: str) -> list[torch.nn.Module]:
@@ -93,19 +121,21 @@ def build_model(recipe: Recipe, tc, *, vocab_size: int, spec: str) -> list[torch
     chunks = []
     for vp_stage in range(tc.virtual_pipeline_model_parallel_size or 1):
         vp = vp_stage if tc.virtual_pipeline_model_parallel_size else None
-        chunks.append(GPTModel(
-            config=tc,
-            transformer_layer_spec=decoder_block_spec(tc, spec, vp),
-            vocab_size=vocab_size,
-            max_sequence_length=m.max_position_embeddings,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
-            position_embedding_type=family.position_embedding_type,
-            rotary_percent=m.rotary_percent,
-            rotary_base=m.rotary_base,
-            rope_scaling=scaling is not None,
-            rope_scaling_factor=scaling.factor if scaling is not None else 8.0,
-            vp_stage=vp,
-        ))
+        chunks.append(
+            GPTModel(
+                config=tc,
+                transformer_layer_spec=decoder_block_spec(tc, spec, vp),
+                vocab_size=vocab_size,
+                max_sequence_length=m.max_position_embeddings,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
+                position_embedding_type=family.position_embedding_type,
+                rotary_percent=m.rotary_percent,
+                rotary_base=m.rotary_base,
+                rope_scaling=scaling is not None,
+                rope_scaling_factor=scaling.factor if scaling is not None else 8.0,
+                vp_stage=vp,
+            )
+        )
     return chunks

@@ -1,8 +1,8 @@
 """Layer specs: megatron-core's GPT block spec, local on CPU and Transformer Engine on GPU.
 
 Both come from megatron-core's own spec builders (so MoE layer patterns and checkpoint key maps
-stay theirs); the local spec gets one leaf swapped: its norms become `engine.kernels.rmsnorm.RMSNorm`,
-which supports sequence parallelism. Checkpoint keys are identical for both specs.
+stay theirs); the local spec gets one leaf swapped: its norms become
+`engine.kernels.rmsnorm.RMSNorm`, which supports sequence parallelism. Checkpoint keys are identical for both specs.
 """
 
 import copy
@@ -22,14 +22,19 @@ def have_transformer_engine() -> bool:
 def resolve_spec(requested: str, *, fp8: str | None = None) -> str:
     """`model.spec` auto|local|te -> local|te, refusing te (and fp8) where it cannot run."""
     usable_te = torch.cuda.is_available() and have_transformer_engine()
-    why = "CUDA is not available" if not torch.cuda.is_available() else \
-        "transformer-engine is not installed (pip install '.[gpu]')"
+    why = (
+        "CUDA is not available"
+        if not torch.cuda.is_available()
+        else "transformer-engine is not installed (pip install '.[gpu]')"
+    )
     if requested == "te" and not usable_te:
         raise ConfigError(f"model.spec=te: {why}; use model.spec=local or auto")
     spec = ("te" if usable_te else "local") if requested == "auto" else requested
     if fp8 and spec != "te":
-        raise ConfigError(f"train.fp8={fp8} needs Transformer Engine layers (model.spec=te), "
-                          f"but the spec is {spec}" + ("" if usable_te else f": {why}"))
+        raise ConfigError(
+            f"train.fp8={fp8} needs Transformer Engine layers (model.spec=te), "
+            f"but the spec is {spec}" + ("" if usable_te else f": {why}")
+        )
     return spec
 
 
@@ -58,7 +63,9 @@ def decoder_block_spec(config, spec: str, vp_stage: int | None = None):
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     block = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=(spec == "te"), normalization=config.normalization,
+        config,
+        use_transformer_engine=(spec == "te"),
+        normalization=config.normalization,
         vp_stage=vp_stage,
     )
     if spec == "te":
@@ -66,6 +73,7 @@ def decoder_block_spec(config, spec: str, vp_stage: int | None = None):
     local_norms: tuple[type, ...] = (WrappedTorchNorm, torch.nn.RMSNorm)
     try:  # apex's fused norm when apex is installed; it also refuses RMSNorm + SP on CPU
         from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
         local_norms += (FusedLayerNorm,)
     except ImportError:
         pass

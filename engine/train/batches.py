@@ -17,8 +17,10 @@ from engine.config.validate import Layout
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples])
-            for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    return {
+        k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+        for k in ("tokens", "labels", "loss_mask", "position_ids")
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +35,22 @@ class MicrobatchPlan:
 
     def microbatches(self, dataset, consumed_samples: int) -> list[dict[str, torch.Tensor]]:
         """This rank's microbatches of the global batch that starts at `consumed_samples`."""
-        return [collate([dataset[i] for i in self.sample_indices(consumed_samples, m)])
-                for m in range(self.layout.num_microbatches)]
+        return [
+            collate([dataset[i] for i in self.sample_indices(consumed_samples, m)])
+            for m in range(self.layout.num_microbatches)
+        ]
 
 
 class SyntheticDataset:
     """Random tokens for benchmarks: sample i is a fixed function of (seed, i)."""
 
     def __init__(self, vocab_size: int, seq_length: int, seed: int, num_samples: int):
-        self.vocab_size, self.seq_length, self.seed, self.num_samples = \
-            vocab_size, seq_length, seed, num_samples
+        self.vocab_size, self.seq_length, self.seed, self.num_samples = (
+            vocab_size,
+            seq_length,
+            seed,
+            num_samples,
+        )
 
     def __len__(self) -> int:
         return self.num_samples
@@ -50,5 +58,9 @@ class SyntheticDataset:
     def __getitem__(self, i: int) -> dict:
         rng = np.random.default_rng((self.seed, i))
         text = torch.from_numpy(rng.integers(0, self.vocab_size, self.seq_length + 1))
-        return {"tokens": text[:-1], "labels": text[1:],
-                "loss_mask": torch.ones(self.seq_length), "position_ids": torch.arange(self.seq_length)}
+        return {
+            "tokens": text[:-1],
+            "labels": text[1:],
+            "loss_mask": torch.ones(self.seq_length),
+            "position_ids": torch.arange(self.seq_length),
+        }

@@ -67,8 +67,9 @@ def init_distributed(recipe: Recipe, *, timeout_s: int = 600) -> Runtime:
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=timeout)
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -82,8 +83,19 @@ def init_distributed(recipe: Recipe, *, timeout_s: int = 600) -> Runtime:
         )
     torch.manual_seed(recipe.train.seed)
     model_parallel_cuda_manual_seed(recipe.train.seed)
-    log.info("rank %d/%d on %s (%s): tp=%d pp=%d vpp=%s dp=%d ep=%d cp=%d", rank, world_size,
-             device, backend, layout.tp, layout.pp, layout.vpp, layout.dp, layout.ep, layout.cp)
+    log.info(
+        "rank %d/%d on %s (%s): tp=%d pp=%d vpp=%s dp=%d ep=%d cp=%d",
+        rank,
+        world_size,
+        device,
+        backend,
+        layout.tp,
+        layout.pp,
+        layout.vpp,
+        layout.dp,
+        layout.ep,
+        layout.cp,
+    )
     return Runtime(layout=layout, rank=rank, device=device, backend=backend)
 
 

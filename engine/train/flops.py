@@ -13,8 +13,9 @@ from engine.config.recipe import ModelConfig
 from engine.models.params import count_parameters
 
 
-def flops_per_token(model: ModelConfig, vocab_size: int, seq_length: int, *,
-                    convention: str = "palm") -> float:
+def flops_per_token(
+    model: ModelConfig, vocab_size: int, seq_length: int, *, convention: str = "palm"
+) -> float:
     counts = count_parameters(model, vocab_size)
     n_matmul = counts.num_layers * counts.per_layer_matmul + counts.embedding  # output layer
     head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads

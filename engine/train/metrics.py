@@ -6,10 +6,8 @@ Tag names are the console names: `train/loss`, `train/lr`, `train/grad_norm`, `t
 
 from __future__ import annotations
 
-import logging
 import math
-
-log = logging.getLogger(__name__)
+from dataclasses import dataclass
 
 
 def _duration(seconds: float) -> str:
@@ -19,17 +17,44 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def format_train_line(*, step: int, steps: int, loss: float, lr: float, grad_norm: float | None,
-                      tokens_per_s: float, tflops: float, eta_s: float) -> str:
-    gn = "skipped" if grad_norm is None else f"{grad_norm:.3f}"
-    return (f"step {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {gn} | "
-            f"tok/s {tokens_per_s:,.0f} | tflops/device {tflops:.3f} | eta {_duration(eta_s)}")
+@dataclass(frozen=True, slots=True)
+class TrainRecord:
+    """What one log step reports."""
+
+    step: int
+    steps: int
+    loss: float
+    """Mean training loss over the log interval."""
+    lr: float
+    grad_norm: float | None
+    """None when the step was skipped (fp16 overflow)."""
+    tokens_per_s: float
+    tflops_per_device: float
+    eta_s: float
+
+    def line(self) -> str:
+        gn = "skipped" if self.grad_norm is None else f"{self.grad_norm:.3f}"
+        return (
+            f"step {self.step}/{self.steps} | loss {self.loss:.4f} | lr {self.lr:.2e} | "
+            f"grad_norm {gn} | tok/s {self.tokens_per_s:,.0f} | "
+            f"tflops/device {self.tflops_per_device:.3f} | eta {_duration(self.eta_s)}"
+        )
+
+    def scalars(self) -> dict[str, float | None]:
+        return {"train/loss": self.loss, "train/lr": self.lr, "train/grad_norm": self.grad_norm,
+                "train/tokens_per_s": self.tokens_per_s,
+                "train/tflops_per_device": self.tflops_per_device}
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped: an untrained model's exp(loss) overflows nothing
 
 
 class Metrics:
     """Console + TensorBoard sink; a no-op on ranks other than 0."""
 
-    def __init__(self, tensorboard_dir: str | None, *, enabled: bool, purge_step: int | None = None):
+    def __init__(self, tensorboard_dir: str | None, *, enabled: bool,
+                 purge_step: int | None = None):
         self.enabled = enabled
         self.writer = None
         if enabled and tensorboard_dir:
@@ -38,7 +63,7 @@ class Metrics:
             # purge_step drops events beyond a resumed step, so a resumed run's curves don't fork.
             self.writer = SummaryWriter(tensorboard_dir, purge_step=purge_step)
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if self.writer is not None:
             for tag, value in values.items():
                 if value is not None and math.isfinite(value):
@@ -48,18 +73,15 @@ class Metrics:
         if self.enabled:
             print(text, flush=True)
 
-    def train(self, *, step: int, steps: int, loss: float, lr: float, grad_norm: float | None,
-              tokens_per_s: float, tflops: float, eta_s: float) -> None:
-        self.line(format_train_line(step=step, steps=steps, loss=loss, lr=lr, grad_norm=grad_norm,
-                                    tokens_per_s=tokens_per_s, tflops=tflops, eta_s=eta_s))
-        self.scalars(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                            "train/tokens_per_s": tokens_per_s, "train/tflops_per_device": tflops})
+    def train(self, record: TrainRecord) -> None:
+        self.line(record.line())
+        self.scalars(record.step, record.scalars())
 
     def valid(self, step: int, losses: dict[str, float]) -> None:
-        parts = [f"{name} {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})" for name, loss in losses.items()]
+        parts = [f"{name} {loss:.4f} (ppl {_ppl(loss):.2f})" for name, loss in losses.items()]
         self.line(f"valid step {step} | " + " | ".join(parts))
         for name, loss in losses.items():
-            self.scalars(step, {f"valid/{name}/loss": loss, f"valid/{name}/ppl": math.exp(min(loss, 50))})
+            self.scalars(step, {f"valid/{name}/loss": loss, f"valid/{name}/ppl": _ppl(loss)})
 
     def close(self) -> None:
         if self.writer is not None:

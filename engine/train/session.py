@@ -10,13 +10,18 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from engine import compat
-from engine.checkpoint import (CheckpointError, SavedLayout, TrainState, current_layout,
-                               find_checkpoint, load_checkpoint, load_weights)
+from engine.checkpoint import (
+    CheckpointError,
+    SavedLayout,
+    TrainState,
+    current_layout,
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
+)
 from engine.config.recipe import Recipe
-from engine.models.build import model_vocab_size, transformer_config, build_model
+from engine.models.build import build_model, model_vocab_size, transformer_config
 from engine.models.spec import resolve_spec
 from engine.train.batches import MicrobatchPlan, SyntheticDataset
 from engine.train.distributed import Runtime
@@ -60,8 +65,10 @@ def _wrap_ddp(recipe: Recipe, tc, models):
         overlap_param_gather=par.overlap_param_gather,
         use_distributed_optimizer=par.distributed_optimizer,
     )
-    return [DistributedDataParallel(config=tc, ddp_config=ddp_config, module=m,
-                                    disable_bucketing=i > 0) for i, m in enumerate(models)]
+    return [
+        DistributedDataParallel(config=tc, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
+        for i, m in enumerate(models)
+    ]
 
 
 def _optimizer(recipe: Recipe, tc, chunks):
@@ -69,10 +76,18 @@ def _optimizer(recipe: Recipe, tc, chunks):
 
     o = recipe.optim
     config = OptimizerConfig(
-        optimizer=o.name, lr=o.lr, min_lr=recipe.train.schedule.min_lr,
-        weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-        adam_eps=o.adam_eps, sgd_momentum=o.sgd_momentum, clip_grad=o.clip_grad,
-        bf16=tc.bf16, fp16=tc.fp16, params_dtype=tc.params_dtype,
+        optimizer=o.name,
+        lr=o.lr,
+        min_lr=recipe.train.schedule.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        sgd_momentum=o.sgd_momentum,
+        clip_grad=o.clip_grad,
+        bf16=tc.bf16,
+        fp16=tc.fp16,
+        params_dtype=tc.params_dtype,
         use_distributed_optimizer=recipe.parallel.distributed_optimizer,
         overlap_param_gather=recipe.parallel.overlap_param_gather,
     )
@@ -95,19 +110,29 @@ def _hook_schedules(recipe: Recipe, tc, chunks, optimizer) -> None:
         tc.param_sync_func = one_or_list([c.start_param_sync for c in chunks])
 
 
-def _restore(recipe: Recipe, chunks, optimizer) -> tuple[TrainState | None, Path | None, Path | None]:
-    """(state, resumed_from, initialized_from): resume beats pretrained, so a requeued job resumes."""
+def _restore(
+    recipe: Recipe, chunks, optimizer
+) -> tuple[TrainState | None, Path | None, Path | None]:
+    """(state, resumed_from, initialized_from); resume beats pretrained: a requeued job resumes."""
     ck = recipe.checkpoint
     load_dir = ck.load or ck.save
     ckpt = find_checkpoint(load_dir) if load_dir else None
     if ckpt is None and ck.load is not None and ck.load != ck.save:
-        raise CheckpointError(f"checkpoint.load={ck.load}: no checkpoint there "
-                              "(expected latest_checkpointed_iteration.txt or an iter_ directory)")
+        raise CheckpointError(
+            f"checkpoint.load={ck.load}: no checkpoint there "
+            "(expected latest_checkpointed_iteration.txt or an iter_ directory)"
+        )
     if ckpt is not None:
         if ck.pretrained:
             log.info("checkpoint.pretrained=%s ignored: resuming from %s", ck.pretrained, ckpt)
-        state = load_checkpoint(ckpt, chunks, optimizer, layout=checkpoint_layout(recipe),
-                                load_optim=ck.load_optim, load_rng=ck.load_rng)
+        state = load_checkpoint(
+            ckpt,
+            chunks,
+            optimizer,
+            layout=checkpoint_layout(recipe),
+            load_optim=ck.load_optim,
+            load_rng=ck.load_rng,
+        )
         return state, ckpt, None
     if ck.pretrained:
         src = find_checkpoint(ck.pretrained)
@@ -134,15 +159,20 @@ def _datasets(recipe: Recipe, runtime: Runtime, tokenizer):
     return build_datasets(
         blend=[(b.path, b.weight) for b in recipe.data.blend],
         valid={v.name: v.path for v in recipe.data.valid} if train.eval_interval else {},
-        tokenizer=tokenizer, seq_length=recipe.data.seq_length, seed=train.seed,
-        train_samples=train_samples, valid_samples=valid_samples,
+        tokenizer=tokenizer,
+        seq_length=recipe.data.seq_length,
+        seed=train.seed,
+        train_samples=train_samples,
+        valid_samples=valid_samples,
         data_cache_dir=recipe.data.cache_dir,
     )
 
 
 def checkpoint_layout(recipe: Recipe) -> SavedLayout:
-    return current_layout(distributed_optimizer=recipe.parallel.distributed_optimizer,
-                          optim_sharding=recipe.checkpoint.optim_sharding)
+    return current_layout(
+        distributed_optimizer=recipe.parallel.distributed_optimizer,
+        optim_sharding=recipe.checkpoint.optim_sharding,
+    )
 
 
 def schedule_args(recipe: Recipe) -> dict:
@@ -153,6 +183,7 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
     tokenizer = _tokenizer(recipe)
     if tokenizer is not None and recipe.model.vocab_size is not None:
         from engine.data.datasets import check_vocab
+
         check_vocab(tokenizer.vocab_size, recipe.model.vocab_size)
     vocab_size = model_vocab_size(recipe, tokenizer.vocab_size if tokenizer else None)
     # Data first: a bad path or a corrupt .idx fails in seconds, before the model is built.
@@ -167,12 +198,23 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
     optimizer = _optimizer(recipe, tc, chunks)
     _hook_schedules(recipe, tc, chunks, optimizer)
     state, resumed_from, initialized_from = _restore(recipe, chunks, optimizer)
-    state = state or TrainState(step=0, consumed_samples=0, consumed_tokens=0,
-                                schedule=schedule_args(recipe))
+    state = state or TrainState(
+        step=0, consumed_samples=0, consumed_tokens=0, schedule=schedule_args(recipe)
+    )
     from megatron.core import parallel_state as ps
 
     plan = MicrobatchPlan(layout=runtime.layout, dp_rank=ps.get_data_parallel_rank())
-    return Session(recipe=recipe, runtime=runtime, chunks=chunks, optimizer=optimizer,
-                   train_data=train_data, valid_data=valid_data, plan=plan, vocab_size=vocab_size,
-                   state=state, resumed_from=resumed_from, initialized_from=initialized_from,
-                   tokenizer=tokenizer)
+    return Session(
+        recipe=recipe,
+        runtime=runtime,
+        chunks=chunks,
+        optimizer=optimizer,
+        train_data=train_data,
+        valid_data=valid_data,
+        plan=plan,
+        vocab_size=vocab_size,
+        state=state,
+        resumed_from=resumed_from,
+        initialized_from=initialized_from,
+        tokenizer=tokenizer,
+    )

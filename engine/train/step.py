@@ -38,8 +38,11 @@ def _global_mean_loss(losses: list[dict], device) -> tuple[float, int]:
     from megatron.core import parallel_state as ps
 
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
-            and ps.get_context_parallel_rank() == 0:
+    if (
+        ps.is_pipeline_last_stage(ignore_virtual=True)
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+    ):
         for item in losses:
             total += item["lm loss"].to(torch.float64)
     torch.distributed.all_reduce(total)
@@ -47,8 +50,9 @@ def _global_mean_loss(losses: list[dict], device) -> tuple[float, int]:
     return loss_sum / max(tokens, 1.0), int(tokens)
 
 
-def _run_schedule(chunks, microbatches, *, seq_length: int, micro_batch_size: int,
-                  forward_only: bool):
+def _run_schedule(
+    chunks, microbatches, *, seq_length: int, micro_batch_size: int, forward_only: bool
+):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     iterators = [iter(microbatches) for _ in chunks]
@@ -74,30 +78,47 @@ class StepResult:
     skipped: bool
 
 
-def train_step(chunks, optimizer, microbatches, *, lr: float, seq_length: int,
-               micro_batch_size: int) -> StepResult:
+def train_step(
+    chunks, optimizer, microbatches, *, lr: float, seq_length: int, micro_batch_size: int
+) -> StepResult:
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = _run_schedule(chunks, microbatches, seq_length=seq_length,
-                           micro_batch_size=micro_batch_size, forward_only=False)
+    losses = _run_schedule(
+        chunks,
+        microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
     for group in optimizer.param_groups:
         group["lr"] = lr
     ok, grad_norm, _ = optimizer.step()
     loss, tokens = _global_mean_loss(losses, next(chunks[0].parameters()).device)
-    return StepResult(loss=loss, tokens=tokens, grad_norm=None if grad_norm is None else float(grad_norm),
-                      skipped=not ok)
+    return StepResult(
+        loss=loss,
+        tokens=tokens,
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        skipped=not ok,
+    )
 
 
 @torch.no_grad()
-def eval_loss(chunks, batches: list[list[dict]], *, seq_length: int, micro_batch_size: int) -> float:
+def eval_loss(
+    chunks, batches: list[list[dict]], *, seq_length: int, micro_batch_size: int
+) -> float:
     """Mean token loss over `batches` (each a list of this rank's microbatches)."""
     for chunk in chunks:
         chunk.eval()
     total, count = 0.0, 0
     for microbatches in batches:
-        losses = _run_schedule(chunks, microbatches, seq_length=seq_length,
-                               micro_batch_size=micro_batch_size, forward_only=True)
+        losses = _run_schedule(
+            chunks,
+            microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
         loss, tokens = _global_mean_loss(losses, next(chunks[0].parameters()).device)
         total, count = total + loss * tokens, count + tokens
     for chunk in chunks:

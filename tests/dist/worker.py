@@ -18,8 +18,11 @@ def main() -> None:
     results = {}
     for run in spec["runs"]:
         result = train(recipe_from_dict(run["recipe"], source=run["name"]))
-        results[run["name"]] = {"losses": result.losses, "grad_norms": result.grad_norms,
-                                "valid": result.valid}
+        results[run["name"]] = {
+            "losses": result.losses,
+            "grad_norms": result.grad_norms,
+            "valid": result.valid,
+        }
     if os.environ.get("RANK", "0") == "0":
         with open(sys.argv[2], "w") as f:
             json.dump(results, f)

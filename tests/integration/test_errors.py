@@ -16,6 +16,7 @@ def recipe_file(make_recipe, tmp_path):
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(make_recipe(**sections)))
         return str(path)
+
     return write
 
 
@@ -44,8 +45,9 @@ def test_missing_checkpoint_to_load(recipe_file, capsys, tmp_path):
 
 
 def test_missing_pretrained(recipe_file, capsys, tmp_path):
-    line = run_cli(capsys, "--config",
-                   recipe_file(checkpoint={"pretrained": str(tmp_path / "nothing")}))
+    line = run_cli(
+        capsys, "--config", recipe_file(checkpoint={"pretrained": str(tmp_path / "nothing")})
+    )
     assert "checkpoint.pretrained=" in line and "no checkpoint there" in line
 
 
@@ -58,8 +60,18 @@ def test_tracker_pointing_at_a_missing_step(recipe_file, capsys, tmp_path):
 
 def test_corrupt_checkpoint_shard(recipe_file, capsys, tmp_path):
     ck = str(tmp_path / "ck")
-    assert main(["train", "--config", recipe_file(checkpoint={"save": ck}), "train.steps=0",
-                 "train.schedule.warmup_steps=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                recipe_file(checkpoint={"save": ck}),
+                "train.steps=0",
+                "train.schedule.warmup_steps=0",
+            ]
+        )
+        == 0
+    )
     for shard in (tmp_path / "ck" / "iter_0000000").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
     line = run_cli(capsys, "--config", recipe_file(checkpoint={"save": ck}))
@@ -71,8 +83,11 @@ def test_corrupt_idx(recipe_file, capsys, tiny_data, tmp_path):
         shutil.copy(tiny_data["train"] + ext, tmp_path / f"bad{ext}")
     idx = tmp_path / "bad.idx"
     idx.write_bytes(idx.read_bytes()[:-40])
-    line = run_cli(capsys, "--config", recipe_file(
-        data={"blend": [{"path": str(tmp_path / "bad"), "weight": 1.0}]}))
+    line = run_cli(
+        capsys,
+        "--config",
+        recipe_file(data={"blend": [{"path": str(tmp_path / "bad"), "weight": 1.0}]}),
+    )
     assert str(tmp_path / "bad") in line
 
 
@@ -82,16 +97,23 @@ def test_tokenizer_larger_than_the_model(recipe_file, capsys):
 
 
 def test_bad_blend_weight(recipe_file, capsys, tiny_data):
-    line = run_cli(capsys, "--config", recipe_file(
-        data={"blend": [{"path": tiny_data["train"], "weight": -1}]}))
+    line = run_cli(
+        capsys,
+        "--config",
+        recipe_file(data={"blend": [{"path": tiny_data["train"], "weight": -1}]}),
+    )
     assert "data.blend[0].weight" in line and "-1" in line
 
 
 def test_the_real_command_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {num_layers: 2}\ntrain: {steps: ten}\n")
-    proc = subprocess.run([sys.executable, "-m", "engine", "train", "--config", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "train", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: "), proc.stderr

@@ -13,16 +13,20 @@ from engine.train.loop import train
 @pytest.fixture(scope="module")
 def straight(make_recipe, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
-    recipe = make_recipe(train={"steps": 6, "eval_interval": 3, "eval_steps": 1},
-                         checkpoint={"save": str(tmp / "ckpt"), "save_interval": 2, "keep_last": 2},
-                         logging={"log_interval": 1, "tensorboard_dir": str(tmp / "tb")})
+    recipe = make_recipe(
+        train={"steps": 6, "eval_interval": 3, "eval_steps": 1},
+        checkpoint={"save": str(tmp / "ckpt"), "save_interval": 2, "keep_last": 2},
+        logging={"log_interval": 1, "tensorboard_dir": str(tmp / "tb")},
+    )
     return tmp, train(recipe_from_dict(recipe))
 
 
 def test_resume_is_bit_identical(straight, make_recipe, tmp_path):
     _, full = straight
-    recipe = make_recipe(train={"steps": 6, "eval_interval": 3, "eval_steps": 1, "exit_interval": 3},
-                         checkpoint={"save": str(tmp_path / "ckpt")})
+    recipe = make_recipe(
+        train={"steps": 6, "eval_interval": 3, "eval_steps": 1, "exit_interval": 3},
+        checkpoint={"save": str(tmp_path / "ckpt")},
+    )
     first = train(recipe_from_dict(recipe))
     assert sorted(first.losses) == [1, 2, 3]
     assert read_train_state(find_checkpoint(tmp_path / "ckpt")).step == 3
@@ -38,10 +42,16 @@ def test_resume_is_bit_identical(straight, make_recipe, tmp_path):
 def test_resume_with_distributed_optimizer_is_bit_identical(make_recipe, tmp_path):
     """megatron-core's distributed optimizer with torch's Adam (CPU) needs the compat layer's fix
     of the per-parameter `step`; without it the resumed run drifts from step 5 on."""
+
     def recipe(name, **train_):
-        return recipe_from_dict(make_recipe(parallel={"distributed_optimizer": True},
-                                            train={"steps": 6, **train_},
-                                            checkpoint={"save": str(tmp_path / name)}))
+        return recipe_from_dict(
+            make_recipe(
+                parallel={"distributed_optimizer": True},
+                train={"steps": 6, **train_},
+                checkpoint={"save": str(tmp_path / name)},
+            )
+        )
+
     full = train(recipe("full"))
     first = train(recipe("split", exit_interval=3))
     second = train(recipe("split"))
@@ -56,8 +66,15 @@ def test_tensorboard_scalars_read_back(straight):
     events = EventAccumulator(str(tmp / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-            "train/tflops_per_device", "valid/code/loss", "valid/code/ppl"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/tflops_per_device",
+        "valid/code/loss",
+        "valid/code/ppl",
+    } <= tags
     logged = {e.step: e.value for e in events.Scalars("train/loss")}
     assert logged.keys() == result.losses.keys()
     for step, loss in result.losses.items():
@@ -73,16 +90,24 @@ def test_keep_last_retention_and_tracker(straight):
     assert (ckpt / "iter_0000006" / "recipe.yaml").is_file()
 
 
-def test_pretrained_is_weights_only_and_ignored_once_a_checkpoint_exists(straight, make_recipe,
-                                                                          tmp_path):
+def test_pretrained_is_weights_only_and_ignored_once_a_checkpoint_exists(
+    straight, make_recipe, tmp_path
+):
     tmp, full = straight
-    recipe = make_recipe(train={"steps": 2},
-                         checkpoint={"save": str(tmp_path / "cpt"), "pretrained": str(tmp / "ckpt")})
+    recipe = make_recipe(
+        train={"steps": 2},
+        checkpoint={"save": str(tmp_path / "cpt"), "pretrained": str(tmp / "ckpt")},
+    )
     cpt = train(recipe_from_dict(recipe))
     assert sorted(cpt.losses) == [1, 2]  # a fresh run: step 0, fresh schedule and optimizer
     # Step 1's loss is the pretrained weights' loss on batch 0: lower than the random init's.
     assert cpt.losses[1] < full.losses[1] - 0.5
-    again = train(recipe_from_dict(make_recipe(
-        train={"steps": 4}, checkpoint={"save": str(tmp_path / "cpt"),
-                                        "pretrained": str(tmp / "ckpt")})))
+    again = train(
+        recipe_from_dict(
+            make_recipe(
+                train={"steps": 4},
+                checkpoint={"save": str(tmp_path / "cpt"), "pretrained": str(tmp / "ckpt")},
+            )
+        )
+    )
     assert sorted(again.losses) == [3, 4]  # resumed from cpt's own step 2, pretrained ignored

@@ -22,8 +22,10 @@ def demo_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     fetch_shakespeare(out)
     build_stdlib_corpus(out, max_bytes=400_000)
-    tok = load_tokenizer("sentencepiece", train_sentencepiece(
-        [str(out / "shakespeare-train.jsonl")], str(out / "tokenizer"), 4096))
+    tok = load_tokenizer(
+        "sentencepiece",
+        train_sentencepiece([str(out / "shakespeare-train.jsonl")], str(out / "tokenizer"), 4096),
+    )
     for name in ("shakespeare-train", "shakespeare-valid", "code-valid"):
         preprocess([str(out / f"{name}.jsonl")], str(out / name), tok, progress=False)
     return out
@@ -33,13 +35,22 @@ def test_demo_loss_goes_down(demo_data, tmp_path, torchrun):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     d = demo_data
-    torchrun(2, ROOT / "engine" / "__main__.py", "train", "--config",
-             str(ROOT / "configs" / "tiny-cpu.yaml"),
-             f"data.blend=[{{path: {d}/shakespeare-train, weight: 1.0}}]",
-             f"data.valid={{shakespeare: {d}/shakespeare-valid, code: {d}/code-valid}}",
-             f"tokenizer.path={d}/tokenizer.model", "train.steps=40", "train.eval_interval=20",
-             f"checkpoint.save={tmp_path}/ckpt", "checkpoint.save_interval=20",
-             f"logging.tensorboard_dir={tmp_path}/tb", timeout=900)
+    torchrun(
+        2,
+        ROOT / "engine" / "__main__.py",
+        "train",
+        "--config",
+        str(ROOT / "configs" / "tiny-cpu.yaml"),
+        f"data.blend=[{{path: {d}/shakespeare-train, weight: 1.0}}]",
+        f"data.valid={{shakespeare: {d}/shakespeare-valid, code: {d}/code-valid}}",
+        f"tokenizer.path={d}/tokenizer.model",
+        "train.steps=40",
+        "train.eval_interval=20",
+        f"checkpoint.save={tmp_path}/ckpt",
+        "checkpoint.save_interval=20",
+        f"logging.tensorboard_dir={tmp_path}/tb",
+        timeout=900,
+    )
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     losses = [e.value for e in events.Scalars("train/loss")]

@@ -23,8 +23,9 @@ def test_apply_is_idempotent_and_makes_cuda_literals_cpu():
 
 def test_a_function_without_cuda_type_names_is_refused():
     with pytest.raises(RuntimeError, match="no longer mentions CUDA type names"):
-        cpu._recompile_without_cuda_type_names("megatron.core.optimizer.clip_grads",
-                                               "get_grad_norm_fp32")
+        cpu._recompile_without_cuda_type_names(
+            "megatron.core.optimizer.clip_grads", "get_grad_norm_fp32"
+        )
 
 
 def test_self_test_names_a_module_that_no_longer_needs_the_proxy(monkeypatch):

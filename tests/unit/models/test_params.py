@@ -11,8 +11,10 @@ def _hf_count(model, vocab_size: int) -> int:
     """The same shape built by transformers on the meta device (no memory), counted."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=model.hidden_size,
-        intermediate_size=model.ffn_hidden_size, num_hidden_layers=model.num_layers,
+        vocab_size=vocab_size,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.ffn_hidden_size,
+        num_hidden_layers=model.num_layers,
         num_attention_heads=model.num_attention_heads,
         num_key_value_heads=model.num_query_groups or model.num_attention_heads,
         attention_bias=model.add_qkv_bias,
