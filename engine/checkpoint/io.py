@@ -130,10 +130,12 @@ class SavedLayout:
     """megatron-core's `distrib_optim_sharding_type` of the optimizer state."""
 
     def optimizer_metadata(self) -> dict:
-        return {
-            "distrib_optim_sharding_type": self.optim_sharding,
-            "chained_optim_avoid_prefix": True,
-        }
+        # fully_reshardable gathers each parameter's state on DP rank 0: megatron's default path
+        # moves the buffers with `.cuda()`, its memory-efficient path gathers over gloo (same
+        # files either way), which is the one that exists without CUDA.
+        return {"distrib_optim_sharding_type": self.optim_sharding,
+                "chained_optim_avoid_prefix": True,
+                "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
 
 
 def current_layout(*, distributed_optimizer: bool, optim_sharding: str) -> SavedLayout:

@@ -221,6 +221,8 @@ def _patch_distributed_optimizer_torch_state():
       Adam also increments it in place once per parameter. After a resume the bias correction
       is wrong and the run silently diverges from an uninterrupted one: we set each state's
       `step` to the saved step (kept in the param groups), as its own tensor.
+    - `_set_main_param_and_optimizer_states` copies every state key, `step` included, from a
+      dict the fully_reshardable loader builds without `step` (KeyError): `step` is skipped.
     """
     distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
     cls = distrib.DistributedOptimizer
@@ -246,7 +248,23 @@ def _patch_distributed_optimizer_torch_state():
                 if "step" in state:
                     state["step"] = torch.tensor(step, dtype=torch.float32)
 
+    original_set = cls._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        # Copies every key of the parameter's torch.optim state from `tensors`, but the
+        # fully_reshardable loader leaves `step` out of `tensors`; load_state_dict sets it.
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original_set(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
     cls.sharded_state_dict, cls.load_state_dict = sharded_state_dict, load_state_dict
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
 def gloo_config_overrides() -> dict:
