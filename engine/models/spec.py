@@ -2,7 +2,8 @@
 
 Both come from megatron-core's own spec builders (so MoE layer patterns and checkpoint key maps
 stay theirs); the local spec gets one leaf swapped: its norms become
-`engine.kernels.rmsnorm.RMSNorm`, which supports sequence parallelism. Checkpoint keys are identical for both specs.
+`engine.kernels.rmsnorm.RMSNorm`, which supports sequence parallelism. Checkpoint keys are
+identical for both specs.
 """
 
 import copy

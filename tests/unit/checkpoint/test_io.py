@@ -5,8 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint.io import (CheckpointError, SavedLayout, _apply_retention,
-                                  _check_optimizer_compatible, find_checkpoint)
+from engine.checkpoint.io import (
+    CheckpointError,
+    SavedLayout,
+    _apply_retention,
+    _check_optimizer_compatible,
+    find_checkpoint,
+)
 
 
 def fake_checkpoint(root: Path, step: int) -> Path:
