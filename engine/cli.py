@@ -13,6 +13,12 @@ import sys
 import warnings
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.checkpoint.io import CheckpointError
     from engine.config.errors import ConfigError
@@ -87,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO is per-module chatter
     # megatron-core announces each fallback when TE/apex are absent: expected on CPU.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")  # megatron's own default
+    if not torch_cuda_available():  # a CUDA launch tip, meaningless on CPU
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
     # megatron-core 0.16.1 calls torch.distributed's *_tensor collectives, deprecated in torch 2.13.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     try:

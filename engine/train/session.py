@@ -7,7 +7,7 @@ Order matters and is written once here: tokenizer (vocab) -> TransformerConfig -
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine import compat
@@ -44,7 +44,6 @@ class Session:
     resumed_from: Path | None = None
     initialized_from: Path | None = None
     tokenizer: object = None
-    extra: dict = field(default_factory=dict)
 
 
 def _tokenizer(recipe: Recipe):
