@@ -22,9 +22,10 @@ def torch_cuda_available() -> bool:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.checkpoint.io import CheckpointError
     from engine.config.errors import ConfigError
+    from engine.convert import ConvertError
     from engine.data import DataError
 
-    return ConfigError, DataError, CheckpointError
+    return ConfigError, DataError, CheckpointError, ConvertError
 
 
 def train_main(argv: list[str]) -> int:
@@ -35,7 +36,8 @@ def train_main(argv: list[str]) -> int:
             "Train (or continue training) a model from a recipe, in one process or under torchrun."
         ),
     )
-    parser.add_argument("--config", required=True, help="recipe YAML (see configs/)")
+    parser.add_argument("--config", required=True, action="append",
+                        help="recipe YAML (see configs/); repeat to merge, later files win")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
     from engine.config.loader import load_recipe
@@ -71,11 +73,18 @@ def _tokenizer_main(argv: list[str]) -> int:
     return _data_command("tokenizer_train_main")(argv[1:])
 
 
+def _convert_main(argv: list[str]) -> int:
+    from engine.convert.cli import convert_main
+
+    return convert_main(argv)
+
+
 COMMANDS = {
     "train": train_main,
     "preprocess": _data_command("preprocess_main"),
     "tokenizer": _tokenizer_main,
     "corpus": _data_command("corpus_main"),
+    "convert": _convert_main,
 }
 
 

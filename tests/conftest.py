@@ -127,3 +127,77 @@ def torchrun():
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# --- tiny random-init transformers models of every dense family, saved as HF directories -------
+
+def _hf_families():
+    import transformers
+
+    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512)
+    return {
+        # Llama 2: multi-head attention
+        "llama2": (transformers.LlamaForCausalLM,
+                   transformers.LlamaConfig(vocab_size=1000, num_key_value_heads=4, **common)),
+        # Llama 3: GQA, rope theta 500k with llama3 scaling, head_dim != hidden/heads
+        "llama3": (transformers.LlamaForCausalLM, transformers.LlamaConfig(
+            vocab_size=1024, num_key_value_heads=2, head_dim=32, rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            **{**common, "max_position_embeddings": 16384})),
+        # Mistral: GQA and a sliding window shorter than the 256-token test batch
+        "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig(
+            vocab_size=1000, num_key_value_heads=2, sliding_window=64, head_dim=16, **common)),
+        # Qwen2: QKV bias, tied embeddings, an odd vocabulary (padded at tp=2)
+        "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+            vocab_size=1001, num_key_value_heads=2, tie_word_embeddings=True, **common)),
+    }
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """{name: (directory, model)}: tiny random-init HF models in fp32, plus "aquila": a Qwen2
+    model relabeled AquilaForCausalLM (Llama-like with QKV bias; transformers has no class)."""
+    import torch
+
+    out = tmp_path_factory.mktemp("hf")
+    models = {}
+    for i, (name, (cls, config)) in enumerate(_hf_families().items()):
+        torch.manual_seed(100 + i)
+        model = cls(config).eval()
+        with torch.no_grad():  # norms start at 1.0: randomize them, a swapped norm must show
+            for n, p in model.named_parameters():
+                if n.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
+        model.save_pretrained(out / name)
+        models[name] = (out / name, model)
+    aquila = out / "aquila"
+    import shutil
+
+    shutil.copytree(out / "qwen2", aquila)
+    config = json.loads((aquila / "config.json").read_text())
+    config.update(architectures=["AquilaForCausalLM"], model_type="aquila",
+                  tie_word_embeddings=False)
+    qwen_dir, qwen = models["qwen2"]
+    (aquila / "config.json").write_text(json.dumps(config))
+    # untied: add lm_head as its own tensor
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(aquila / "model.safetensors"))
+    tensors["lm_head.weight"] = qwen.lm_head.weight.detach().clone()
+    save_file(tensors, str(aquila / "model.safetensors"), metadata={"format": "pt"})
+    models["aquila"] = (aquila, qwen)
+    return models
+
+
+@pytest.fixture(scope="session")
+def converted(hf_models, tmp_path_factory):
+    """{name: engine checkpoint}: each HF model imported with `engine convert hf-to-engine`
+    (the odd 1001-token vocabularies at --tp 2, so they are padded to split in two)."""
+    from engine.convert.importer import hf_to_engine
+
+    out = tmp_path_factory.mktemp("engine")
+    return {name: hf_to_engine(d, out / name, tp=2 if name in ("qwen2", "aquila") else 1,
+                               progress=False)
+            for name, (d, _) in hf_models.items()}

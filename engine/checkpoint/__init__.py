@@ -9,6 +9,7 @@ from engine.checkpoint.io import (
     find_checkpoint,
     load_checkpoint,
     load_weights,
+    read_saved_layout,
     read_train_state,
     save_checkpoint,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "find_checkpoint",
     "load_checkpoint",
     "load_weights",
+    "read_saved_layout",
     "read_train_state",
     "save_checkpoint",
 ]

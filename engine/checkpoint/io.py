@@ -128,6 +128,10 @@ class SavedLayout:
     distributed_optimizer: bool
     optim_sharding: str
     """megatron-core's `distrib_optim_sharding_type` of the optimizer state."""
+    padded_vocab_size: int | None = None
+    """Rows of the embedding. megatron pads the vocabulary to a multiple of
+    make_vocab_size_divisible_by x tp, so a model loading this checkpoint at another tp must
+    keep this size rather than recompute it."""
 
     def optimizer_metadata(self) -> dict:
         # fully_reshardable gathers each parameter's state on DP rank 0: megatron's default path
@@ -138,7 +142,8 @@ class SavedLayout:
                 "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
 
 
-def current_layout(*, distributed_optimizer: bool, optim_sharding: str) -> SavedLayout:
+def current_layout(*, distributed_optimizer: bool, optim_sharding: str,
+                   padded_vocab_size: int | None = None) -> SavedLayout:
     from megatron.core import parallel_state as ps
 
     return SavedLayout(
@@ -147,6 +152,7 @@ def current_layout(*, distributed_optimizer: bool, optim_sharding: str) -> Saved
         dp=ps.get_data_parallel_world_size(),
         distributed_optimizer=distributed_optimizer,
         optim_sharding=optim_sharding,
+        padded_vocab_size=padded_vocab_size,
     )
 
 

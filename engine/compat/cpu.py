@@ -1,14 +1,14 @@
 """Run megatron-core 0.16.1 on CPU with gloo.
 
-megatron-core assumes CUDA in three ways; each gets one small, named patch:
+megatron-core assumes CUDA in three ways, and has one CPU-only bug; each gets a named patch:
 
 1. `torch.cuda.*` calls (current_device, synchronize, RNG state, streams, events) in many modules:
    a CPU shim replaces those functions on `torch.cuda` (they raise without CUDA anyway).
 2. Tensors created with a hard-coded `device="cuda"` in a known list of modules: each of those
    modules sees a `torch` proxy whose tensor factories put "cuda" tensors on the CPU.
-3. String comparisons of tensor types with `'torch.cuda.FloatTensor'` and friends in the
-   optimizers: those functions are recompiled from their source with the CPU type names.
-
+3. Source that names CUDA in a few functions (`tensor.type() == 'torch.cuda.FloatTensor'` in
+   the optimizers, `.cuda()` when tied embeddings span pipeline stages): those functions are
+   recompiled from their own source with the CPU spelling.
 4. Its distributed optimizer mishandles torch.optim's per-parameter Adam `step` (TE/apex
    FusedAdam keep it per group, so GPU clusters never see this): see
    `_patch_distributed_optimizer_torch_state`.
@@ -48,17 +48,22 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # save-plan verification
 )
 
-# (3) functions comparing `tensor.type()` with CUDA type names.
-CUDA_TYPE_NAME_FUNCTIONS = (
-    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
-    (
-        "megatron.core.optimizer.distrib_optimizer",
-        "DistributedOptimizer._build_model_and_main_param_groups",
-    ),
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
-    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+# (3) functions whose source names CUDA: `tensor.type()` compared with CUDA type names, and
+# `.cuda()` calls on tensors. Each is recompiled from its source with these replacements.
+_TYPE_NAMES = tuple((f"'torch.cuda.{t}'", f"'torch.{t}'")
+                    for t in ("FloatTensor", "HalfTensor", "BFloat16Tensor"))
+_TO_CURRENT_DEVICE = ((".cuda()", ".to(torch.cuda.current_device())"),)
+SOURCE_REWRITES = (
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__",
+     _TYPE_NAMES),
+    ("megatron.core.optimizer.distrib_optimizer",
+     "DistributedOptimizer._build_model_and_main_param_groups", _TYPE_NAMES),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__", _TYPE_NAMES),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", _TYPE_NAMES),
+    # tied embeddings with pipeline parallelism: the last stage's copy is synced from the first
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer", _TO_CURRENT_DEVICE),
 )
-_CUDA_TYPE_NAMES = ("torch.cuda.FloatTensor", "torch.cuda.HalfTensor", "torch.cuda.BFloat16Tensor")
 
 _FACTORIES = (
     "tensor",
@@ -171,40 +176,49 @@ def _patch_missing_te_gemm():
         moe_utils.te_general_gemm = None
 
 
-def _recompile_without_cuda_type_names(module_name: str, qualname: str):
-    """(3) Recompile `qualname` from its source with CPU tensor type names.
-
-    The function is compiled inside a scope that defines `__class__`, so zero-argument `super()`
-    keeps working in rewritten methods; it keeps its file and line numbers."""
+def _resolve(module_name: str, qualname: str):
+    """(module, owner, attribute name, raw attribute, function) of a dotted name."""
     module = importlib.import_module(module_name)
     owner_name, _, name = qualname.rpartition(".")
     owner = getattr(module, owner_name) if owner_name else module
     raw = inspect.getattr_static(owner, name)
     func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+    return module, owner, name, raw, func
+
+
+def _check_rewrite(module_name: str, qualname: str, source: str, replacements) -> None:
+    if not any(old in source for old, _ in replacements):
+        olds = " or ".join(repr(old) for old, _ in replacements)
+        raise RuntimeError(f"compat: {module_name}.{qualname} no longer contains {olds}")
+
+
+def _recompile(module_name: str, qualname: str, replacements) -> None:
+    """(3) Recompile `qualname` from its source with `replacements` (at least one must occur).
+
+    The function is compiled inside a scope that defines `__class__`, so zero-argument `super()`
+    keeps working in rewritten methods; it keeps its file and line numbers."""
+    module, owner, name, raw, func = _resolve(module_name, qualname)
     lines, first_line = inspect.getsourcelines(func)
     source = textwrap.dedent("".join(lines))
-    if not any(n in source for n in _CUDA_TYPE_NAMES):
-        raise RuntimeError(f"compat: {module_name}.{qualname} no longer mentions CUDA type names")
-    for cuda_name in _CUDA_TYPE_NAMES:
-        source = source.replace(cuda_name, cuda_name.replace("torch.cuda.", "torch."))
+    _check_rewrite(module_name, qualname, source, replacements)
+    for old, new in replacements:
+        source = source.replace(old, new)
     # Pad so the recompiled code keeps its line numbers: tracebacks and inspect stay truthful.
     wrapper = "\n" * (first_line - 2) + "def _make(__class__):\n" + textwrap.indent(source, "    ")
     wrapper += f"\n    return {name}\n"
     namespace: dict = {}
     exec(compile(wrapper, inspect.getsourcefile(func), "exec"), module.__dict__, namespace)
-    new = namespace["_make"](owner if owner_name else None)
+    new = namespace["_make"](owner if owner is not module else None)
     new.__qualname__ = func.__qualname__
     if isinstance(raw, staticmethod):
         new = staticmethod(new)
     elif isinstance(raw, classmethod):
         new = classmethod(new)
     setattr(owner, name, new)
-    if not owner_name:  # module-level functions are also imported by name elsewhere
+    if owner is module:  # module-level functions are also imported by name elsewhere
         for other in list(sys.modules.values()):
-            if (
-                getattr(other, "__name__", "").startswith("megatron.")
-                and getattr(other, name, None) is func
-            ):
+            if getattr(other, "__name__", "").startswith("megatron.") and \
+                    getattr(other, name, None) is func:
                 setattr(other, name, new)
 
 
@@ -293,8 +307,8 @@ def apply() -> bool:
         module.torch = proxy
     _patch_rng_module()
     _patch_missing_te_gemm()
-    for module_name, qualname in CUDA_TYPE_NAME_FUNCTIONS:
-        _recompile_without_cuda_type_names(module_name, qualname)
+    for module_name, qualname, replacements in SOURCE_REWRITES:
+        _recompile(module_name, qualname, replacements)
     _patch_distributed_optimizer_torch_state()
     _APPLIED = True
     return True
@@ -309,17 +323,9 @@ def self_test() -> None:
         source = inspect.getsource(module)
         if "cuda" not in source or not hasattr(module, "torch"):
             raise RuntimeError(f"compat: {module_name} no longer needs the CPU torch proxy")
-    for module_name, qualname in CUDA_TYPE_NAME_FUNCTIONS:
-        module = importlib.import_module(module_name)
-        obj = module
-        for part in qualname.split("."):
-            obj = inspect.getattr_static(obj, part)
-        obj = obj.__func__ if isinstance(obj, (staticmethod, classmethod)) else obj
-        source = inspect.getsource(obj)
-        if not any(n in source for n in _CUDA_TYPE_NAMES):
-            raise RuntimeError(
-                f"compat: {module_name}.{qualname} no longer mentions CUDA type names"
-            )
+    for module_name, qualname, replacements in SOURCE_REWRITES:
+        source = inspect.getsource(_resolve(module_name, qualname)[4])  # the file's text
+        _check_rewrite(module_name, qualname, source, replacements)
     distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
     if 's["step"] = step' not in inspect.getsource(distrib):  # the module file, patched or not
         raise RuntimeError(

@@ -285,13 +285,28 @@ def _from_dict(ctx: _Context, data: Mapping) -> Recipe:
     return _build(ctx, Recipe, data)
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply dotted `key=value` overrides in order, build the dataclasses."""
-    path = Path(path)
+def _merge(base: dict, extra: Mapping) -> dict:
+    """Recursive dict merge: sections merge key by key, any other value is replaced."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_recipe(path: str | Path | Sequence[str | Path], overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe (or several, merged in order: later files win key by key, e.g. a base
+    recipe plus the fragment `engine convert` writes), apply dotted `key=value` overrides in
+    order, build the dataclasses."""
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
     if isinstance(overrides, str):
         raise TypeError("overrides must be a sequence of 'key=value' strings, not one string")
-    data = _read_yaml(path)
-    ctx = _Context(str(path))
+    data: dict = {}
+    for p in paths:
+        data = _merge(data, _read_yaml(p))
+    ctx = _Context(" + ".join(str(p) for p in paths))
     for text in overrides:
         _apply_override(ctx, data, text)
     return _from_dict(ctx, data)

@@ -101,6 +101,9 @@ class ModelConfig:
     """Epsilon of the (RMS) norms."""
     add_qkv_bias: bool = False
     """Add a bias to the fused query/key/value projection (Qwen2-style)."""
+    window_size: int | None = None
+    """Sliding-window attention (Mistral): each token attends to itself and the window_size - 1
+    tokens before it; null = full causal attention."""
     share_embeddings_and_output_weights: bool = False
     """Tie the output layer to the input embedding."""
     init_method_std: float = 0.02
@@ -117,7 +120,7 @@ class ModelConfig:
         p = "model"
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "kv_channels", "vocab_size",
-                     "make_vocab_size_divisible_by", "max_position_embeddings"):
+                     "make_vocab_size_divisible_by", "max_position_embeddings", "window_size"):
             _at_least(f"{p}.{name}", getattr(self, name), 1)
         heads, groups = self.num_attention_heads, self.num_query_groups
         if self.kv_channels is None and self.hidden_size % heads:

@@ -8,9 +8,9 @@ import difflib
 
 from engine.config.errors import ConfigError
 from engine.models.family import Family
-from engine.models.llama import LLAMA
+from engine.models.llama import AQUILA, LLAMA, MISTRAL, QWEN2
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA,)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, AQUILA)}
 
 
 def get_family(name: str) -> Family:

@@ -54,6 +54,8 @@ def transformer_config(recipe: Recipe, layout: Layout, *, on_cpu: bool, extra: d
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
         kv_channels=m.kv_channels,
+        # megatron's window is (left, right) tokens besides the query itself
+        window_size=(m.window_size - 1, 0) if m.window_size else None,
         add_qkv_bias=m.add_qkv_bias,
         layernorm_epsilon=m.layernorm_epsilon,
         init_method_std=m.init_method_std,

@@ -1,9 +1,26 @@
-"""The Llama family: RMSNorm, SwiGLU, RoPE, GQA, no linear biases (Llama 2/3).
+"""Llama-shaped dense families: RMSNorm, SwiGLU, rotate-half RoPE, GQA, no MLP/output biases.
 
-QKV bias (Qwen2, Aquila-style) and tied embeddings are recipe keys on top of this family.
-Reference: Touvron et al. 2023 (Llama 2), Meta Llama 3 (2024); HF `LlamaForCausalLM`.
+- llama: Llama 2 and 3 (Touvron et al. 2023; Meta Llama 3, 2024), HF `LlamaForCausalLM`, with
+  Llama-3 RoPE scaling. Its HF `attention_bias` would also bias o_proj, which megatron's layer
+  has no slot for: such checkpoints are refused, not silently truncated.
+- mistral: Mistral 7B (Jiang et al. 2023), the Llama layout plus sliding-window attention.
+- qwen2: Qwen2 (Yang et al. 2024), the Llama layout with QKV bias always on; small sizes tie
+  the output layer to the embedding.
+- aquila: BAAI Aquila-style, Llama-like with QKV bias (the AquilaMoE base, arXiv 2408.06567).
 """
 
 from engine.models.family import Family
+from engine.models.weights import LLAMA_DROPPED, llama_weights
 
-LLAMA = Family(name="llama", hf_architectures=("LlamaForCausalLM",))
+LLAMA = Family(name="llama", hf_architectures=("LlamaForCausalLM",), hf_model_type="llama",
+               weights=llama_weights(), dropped=LLAMA_DROPPED)
+
+MISTRAL = Family(name="mistral", hf_architectures=("MistralForCausalLM",),
+                 hf_model_type="mistral", weights=llama_weights(), dropped=LLAMA_DROPPED)
+
+QWEN2 = Family(name="qwen2", hf_architectures=("Qwen2ForCausalLM",), hf_model_type="qwen2",
+               weights=llama_weights(), dropped=LLAMA_DROPPED, qkv_bias=True,
+               hf_extra=(("use_sliding_window", False),))
+
+AQUILA = Family(name="aquila", hf_architectures=("AquilaForCausalLM",), hf_model_type="aquila",
+                weights=llama_weights(), dropped=LLAMA_DROPPED, qkv_bias=True)

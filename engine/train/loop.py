@@ -65,7 +65,7 @@ def _save(session: Session, result: TrainResult) -> None:
         session.chunks,
         session.optimizer,
         session.state,
-        layout=checkpoint_layout(recipe),
+        layout=checkpoint_layout(recipe, session.vocab_size),
         recipe_yaml=_recipe_yaml(recipe),
         keep_last=recipe.checkpoint.keep_last,
     )

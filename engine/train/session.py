@@ -19,6 +19,7 @@ from engine.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     load_weights,
+    read_saved_layout,
 )
 from engine.config.recipe import Recipe
 from engine.models.build import build_model, model_vocab_size, transformer_config
@@ -109,38 +110,63 @@ def _hook_schedules(recipe: Recipe, tc, chunks, optimizer) -> None:
         tc.param_sync_func = one_or_list([c.start_param_sync for c in chunks])
 
 
-def _restore(
-    recipe: Recipe, chunks, optimizer
-) -> tuple[TrainState | None, Path | None, Path | None]:
-    """(state, resumed_from, initialized_from); resume beats pretrained: a requeued job resumes."""
+@dataclass(frozen=True, slots=True)
+class Source:
+    """The checkpoint this run starts from: resume (everything) or pretrained (weights only)."""
+
+    path: Path
+    resume: bool
+    layout: SavedLayout | None
+    """How it was saved (None for checkpoints without the engine's metadata)."""
+
+
+def locate_source(recipe: Recipe) -> Source | None:
+    """Resume beats pretrained, so a requeued job resumes instead of restarting."""
     ck = recipe.checkpoint
     load_dir = ck.load or ck.save
     ckpt = find_checkpoint(load_dir) if load_dir else None
     if ckpt is None and ck.load is not None and ck.load != ck.save:
-        raise CheckpointError(
-            f"checkpoint.load={ck.load}: no checkpoint there "
-            "(expected latest_checkpointed_iteration.txt or an iter_ directory)"
-        )
+        raise CheckpointError(f"checkpoint.load={ck.load}: no checkpoint there "
+                              "(expected latest_checkpointed_iteration.txt or an iter_ directory)")
     if ckpt is not None:
         if ck.pretrained:
             log.info("checkpoint.pretrained=%s ignored: resuming from %s", ck.pretrained, ckpt)
-        state = load_checkpoint(
-            ckpt,
-            chunks,
-            optimizer,
-            layout=checkpoint_layout(recipe),
-            load_optim=ck.load_optim,
-            load_rng=ck.load_rng,
-        )
-        return state, ckpt, None
+        return Source(ckpt, True, read_saved_layout(ckpt))
     if ck.pretrained:
         src = find_checkpoint(ck.pretrained)
         if src is None:
             raise CheckpointError(f"checkpoint.pretrained={ck.pretrained}: no checkpoint there")
-        load_weights(src, chunks)
-        optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the new weights
-        return None, None, src
-    return None, None, None
+        return Source(src, False, read_saved_layout(src))
+    return None
+
+
+def padded_vocab(recipe: Recipe, tokenizer_vocab: int | None, source: Source | None) -> int:
+    """The embedding's rows: the checkpoint's when starting from one (its padding was computed
+    for the tp it was saved at), else megatron's padding at this run's tp."""
+    saved = source.layout.padded_vocab_size if source and source.layout else None
+    if saved is None:
+        return model_vocab_size(recipe, tokenizer_vocab)
+    tp = recipe.parallel.tp
+    if saved % tp:
+        raise CheckpointError(f"{source.path}: its embedding has {saved} rows, not divisible by "
+                              f"parallel.tp={tp} (import the HF model again with --tp {tp})")
+    if tokenizer_vocab is not None and tokenizer_vocab > saved:
+        raise CheckpointError(f"{source.path}: its embedding has {saved} rows but the tokenizer "
+                              f"has {tokenizer_vocab} tokens")
+    return saved
+
+
+def _restore(recipe: Recipe, source: Source | None, chunks, optimizer, vocab: int):
+    if source is None:
+        return None
+    if source.resume:
+        ck = recipe.checkpoint
+        return load_checkpoint(source.path, chunks, optimizer,
+                               layout=checkpoint_layout(recipe, vocab), load_optim=ck.load_optim,
+                               load_rng=ck.load_rng)
+    load_weights(source.path, chunks)
+    optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the new weights
+    return None
 
 
 def _datasets(recipe: Recipe, runtime: Runtime, tokenizer):
@@ -167,10 +193,11 @@ def _datasets(recipe: Recipe, runtime: Runtime, tokenizer):
     )
 
 
-def checkpoint_layout(recipe: Recipe) -> SavedLayout:
+def checkpoint_layout(recipe: Recipe, padded_vocab_size: int) -> SavedLayout:
     return current_layout(
         distributed_optimizer=recipe.parallel.distributed_optimizer,
         optim_sharding=recipe.checkpoint.optim_sharding,
+        padded_vocab_size=padded_vocab_size,
     )
 
 
@@ -184,7 +211,8 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
         from engine.data.datasets import check_vocab
 
         check_vocab(tokenizer.vocab_size, recipe.model.vocab_size)
-    vocab_size = model_vocab_size(recipe, tokenizer.vocab_size if tokenizer else None)
+    source = locate_source(recipe)
+    vocab_size = padded_vocab(recipe, tokenizer.vocab_size if tokenizer else None, source)
     # Data first: a bad path or a corrupt .idx fails in seconds, before the model is built.
     train_data, valid_data = _datasets(recipe, runtime, tokenizer)
     spec = resolve_spec(recipe.model.spec, fp8=recipe.train.fp8)
@@ -196,24 +224,15 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
     chunks = _wrap_ddp(recipe, tc, models)
     optimizer = _optimizer(recipe, tc, chunks)
     _hook_schedules(recipe, tc, chunks, optimizer)
-    state, resumed_from, initialized_from = _restore(recipe, chunks, optimizer)
-    state = state or TrainState(
-        step=0, consumed_samples=0, consumed_tokens=0, schedule=schedule_args(recipe)
-    )
+    state = _restore(recipe, source, chunks, optimizer, vocab_size) or TrainState(
+        step=0, consumed_samples=0, consumed_tokens=0, schedule=schedule_args(recipe))
     from megatron.core import parallel_state as ps
 
     plan = MicrobatchPlan(layout=runtime.layout, dp_rank=ps.get_data_parallel_rank())
-    return Session(
-        recipe=recipe,
-        runtime=runtime,
-        chunks=chunks,
-        optimizer=optimizer,
-        train_data=train_data,
-        valid_data=valid_data,
-        plan=plan,
-        vocab_size=vocab_size,
-        state=state,
-        resumed_from=resumed_from,
-        initialized_from=initialized_from,
-        tokenizer=tokenizer,
-    )
+    resumed = source is not None and source.resume
+    return Session(recipe=recipe, runtime=runtime, chunks=chunks, optimizer=optimizer,
+                   train_data=train_data, valid_data=valid_data, plan=plan,
+                   vocab_size=vocab_size, state=state,
+                   resumed_from=source.path if resumed else None,
+                   initialized_from=source.path if source and not resumed else None,
+                   tokenizer=tokenizer)

@@ -21,11 +21,10 @@ def test_apply_is_idempotent_and_makes_cuda_literals_cpu():
     assert torch.cuda.current_device() == torch.device("cpu")
 
 
-def test_a_function_without_cuda_type_names_is_refused():
-    with pytest.raises(RuntimeError, match="no longer mentions CUDA type names"):
-        cpu._recompile_without_cuda_type_names(
-            "megatron.core.optimizer.clip_grads", "get_grad_norm_fp32"
-        )
+def test_a_rewrite_whose_text_moved_is_refused():
+    with pytest.raises(RuntimeError, match="get_grad_norm_fp32 no longer contains"):
+        cpu._recompile("megatron.core.optimizer.clip_grads", "get_grad_norm_fp32",
+                       cpu._TYPE_NAMES)
 
 
 def test_self_test_names_a_module_that_no_longer_needs_the_proxy(monkeypatch):

@@ -1,0 +1,97 @@
+"""HF `config.json` <-> the recipe's `model` section, for every Llama-shaped family (pure).
+
+Reads both transformers 4 (`rope_theta`, `rope_scaling`) and 5 (`rope_parameters`) spellings;
+writes the 4 spelling, which both versions read. What megatron's layers cannot represent (MLP
+or o_proj biases, other activations, other RoPE types) is refused by name, never dropped.
+"""
+
+from __future__ import annotations
+
+from engine.config.errors import ConfigError
+from engine.config.recipe import ModelConfig
+from engine.models import family_for_hf_architecture
+from engine.models.family import Family
+
+# HF key -> recipe key, for the plain one-to-one entries
+_PLAIN = (("num_hidden_layers", "num_layers"), ("hidden_size", "hidden_size"),
+          ("intermediate_size", "ffn_hidden_size"), ("num_attention_heads", "num_attention_heads"),
+          ("vocab_size", "vocab_size"), ("max_position_embeddings", "max_position_embeddings"),
+          ("rms_norm_eps", "layernorm_epsilon"))
+
+
+def _rope(hf: dict, source: str) -> tuple[float, dict | None]:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    merged = {**scaling, **params}
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        raise ConfigError(f"{source}: rope type {kind!r} is not supported (default, llama3)")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return float(theta), {k: merged[k] for k in keys}
+
+
+def model_config_from_hf(hf: dict, source: str = "config.json") -> tuple[Family, dict]:
+    """(family, recipe `model` section) for an HF config dict."""
+    archs = hf.get("architectures") or []
+    if not archs:
+        raise ConfigError(f"{source}: no 'architectures' entry; cannot tell the model family")
+    try:
+        family = family_for_hf_architecture(archs[0])
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    missing = [k for k, _ in _PLAIN if k not in hf]
+    if missing:
+        raise ConfigError(f"{source}: missing {', '.join(repr(k) for k in missing)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is "
+                          "supported")
+    if hf.get("mlp_bias"):
+        raise ConfigError(f"{source}: mlp_bias=true has no slot in megatron's MLP")
+    if family.qkv_bias is None and hf.get("attention_bias"):
+        raise ConfigError(f"{source}: attention_bias=true also biases o_proj, which megatron's "
+                          "attention has no slot for")
+    model = {ours: hf[theirs] for theirs, ours in _PLAIN}
+    theta, scaling = _rope(hf, source)
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    model.update(
+        family=family.name, rotary_base=theta, rotary_scaling=scaling,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=head_dim if head_dim * heads != hf["hidden_size"] else None,
+        add_qkv_bias=bool(family.qkv_bias),
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+        window_size=window if window and window < hf["max_position_embeddings"] else None,
+    )
+    return family, model
+
+
+def hf_config_from_model(family: Family, model: ModelConfig, *, dtype: str) -> dict:
+    """config.json for `model` (the inverse of `model_config_from_hf` on what it reads)."""
+    if family.qkv_bias is None and model.add_qkv_bias:
+        raise ConfigError(f"model.family={family.name} with add_qkv_bias has no HF equivalent "
+                          "(its attention_bias also biases o_proj); use family qwen2 or aquila")
+    heads = model.num_attention_heads
+    config = {
+        "architectures": [family.hf_architectures[0]], "model_type": family.hf_model_type,
+        "num_hidden_layers": model.num_layers, "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size, "num_attention_heads": heads,
+        "num_key_value_heads": model.num_query_groups or heads,
+        "head_dim": model.kv_channels or model.hidden_size // heads,
+        "vocab_size": model.vocab_size, "max_position_embeddings": model.max_position_embeddings,
+        "rms_norm_eps": model.layernorm_epsilon, "hidden_act": "silu",
+        "tie_word_embeddings": model.share_embeddings_and_output_weights,
+        "rope_theta": model.rotary_base, "torch_dtype": dtype, "dtype": dtype,
+        "attention_bias": model.add_qkv_bias if family.qkv_bias is None else family.qkv_bias,
+        "mlp_bias": False, "sliding_window": model.window_size, **dict(family.hf_extra),
+    }
+    if model.rotary_scaling is not None:
+        s = model.rotary_scaling
+        config["rope_scaling"] = {
+            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings}
+    return config

@@ -1,0 +1,136 @@
+"""HF <-> megatron weight layouts: the map record and its transforms, in inverse pairs.
+
+Targets are the keys of a megatron-core GPTModel's state dict at TP=1/PP=1 (local spec); its
+`sharded_state_dict` turns them into layout-independent checkpoint keys, so these maps never see
+tensor or pipeline parallelism. Each `to_engine` has a `to_hf` that undoes it exactly; the tests
+check the round trip bit for bit. Pure: tensors and the model shape in, tensors out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.config.recipe import ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What the transforms need to know: the model shape and the embedding's padded row count."""
+
+    model: ModelConfig
+    padded_vocab_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.model.kv_channels or self.model.hidden_size // self.model.num_attention_heads
+
+    @property
+    def groups(self) -> int:
+        return self.model.num_query_groups or self.model.num_attention_heads
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """[q; k; v] -> megatron's per-group interleave [q_g0.., k_g0, v_g0, q_g1.., k_g1, v_g1, ...].
+
+    Weights ([rows, hidden]) and biases ([rows]) alike: megatron splits the fused rows into
+    tensor-parallel chunks of whole query groups, so each group's q, k and v must be adjacent."""
+    g, d = shape.groups, shape.head_dim
+    rest = q.shape[1:]
+    q = q.reshape(g, -1, d, *rest)  # [groups, heads_per_group, d, ...]
+    k = k.reshape(g, 1, d, *rest)
+    v = v.reshape(g, 1, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, ...]:
+    g, d = shape.groups, shape.head_dim
+    per_group = shape.model.num_attention_heads // g
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(g, per_group + 2, d, *rest)
+    q, k, v = grouped.split([per_group, 1, 1], dim=1)
+    return tuple(t.reshape(-1, *rest).contiguous() for t in (q, k, v))
+
+
+def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """SwiGLU: megatron's fc1 is [gate; up] (its TP checkpoint format splits each half itself)."""
+    return torch.cat([gate, up], dim=0)
+
+
+def split_gate_up(fc1: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, ...]:
+    gate, up = fc1.chunk(2, dim=0)
+    return gate.contiguous(), up.contiguous()
+
+
+def pad_vocab(weight: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """Embedding/output rows padded with zeros to the padded vocabulary (TP needs equal shards).
+
+    Real tokens' logits do not depend on the padded rows; the padded tokens get logit 0."""
+    extra = shape.padded_vocab_size - weight.shape[0]
+    if extra < 0:
+        raise ValueError(f"vocabulary of {weight.shape[0]} rows exceeds the padded size "
+                         f"{shape.padded_vocab_size}")
+    return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])]) if extra else weight
+
+
+def trim_vocab(weight: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, ...]:
+    return (weight[: shape.model.vocab_size].contiguous(),)
+
+
+def _identity_to_engine(t: torch.Tensor, shape: Shape) -> torch.Tensor:
+    return t
+
+
+def _identity_to_hf(t: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, ...]:
+    return (t,)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightMap:
+    """HF tensor names (templates with `{i}` for the layer) <-> one engine tensor."""
+
+    hf: tuple[str, ...]
+    engine: str
+    to_engine: Callable[..., torch.Tensor] = _identity_to_engine
+    """(*hf_tensors, shape) -> engine tensor."""
+    to_hf: Callable[..., tuple[torch.Tensor, ...]] = _identity_to_hf
+    """(engine_tensor, shape) -> hf tensors, in `hf` order."""
+    when: str | None = None
+    """Present only if this holds: "qkv_bias" or "untied" (output layer not tied)."""
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.engine
+
+    def applies(self, model: ModelConfig) -> bool:
+        return {None: True, "qkv_bias": model.add_qkv_bias,
+                "untied": not model.share_embeddings_and_output_weights}[self.when]
+
+
+def llama_weights() -> tuple[WeightMap, ...]:
+    """The Llama layout (HF `LlamaForCausalLM` names), shared by every Llama-like family."""
+    attn, mlp = "model.layers.{i}.self_attn", "model.layers.{i}.mlp"
+    layer = "decoder.layers.{i}"
+    return (
+        WeightMap(("model.embed_tokens.weight",), "embedding.word_embeddings.weight",
+                  pad_vocab, trim_vocab),
+        WeightMap(("model.layers.{i}.input_layernorm.weight",), f"{layer}.input_layernorm.weight"),
+        WeightMap((f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"),
+                  f"{layer}.self_attention.linear_qkv.weight", fuse_qkv, split_qkv),
+        WeightMap((f"{attn}.q_proj.bias", f"{attn}.k_proj.bias", f"{attn}.v_proj.bias"),
+                  f"{layer}.self_attention.linear_qkv.bias", fuse_qkv, split_qkv, "qkv_bias"),
+        WeightMap((f"{attn}.o_proj.weight",), f"{layer}.self_attention.linear_proj.weight"),
+        WeightMap(("model.layers.{i}.post_attention_layernorm.weight",),
+                  f"{layer}.pre_mlp_layernorm.weight"),
+        WeightMap((f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"),
+                  f"{layer}.mlp.linear_fc1.weight", fuse_gate_up, split_gate_up),
+        WeightMap((f"{mlp}.down_proj.weight",), f"{layer}.mlp.linear_fc2.weight"),
+        WeightMap(("model.norm.weight",), "decoder.final_layernorm.weight"),
+        WeightMap(("lm_head.weight",), "output_layer.weight", pad_vocab, trim_vocab, "untied"),
+    )
+
+
+LLAMA_DROPPED = ("model.layers.{i}.self_attn.rotary_emb.inv_freq",)
+"""HF buffers some checkpoints carry that are not weights (recomputed from the config)."""
