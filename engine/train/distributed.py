@@ -102,10 +102,19 @@ def init_distributed(recipe: Recipe, *, timeout_s: int = 600) -> Runtime:
 def destroy_parallel_state() -> None:
     """Tear down megatron-core's groups after a run; the default process group stays, so one
     process can run several layouts (re-creating it on the same torchrun store collides)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    if dist.is_initialized():  # megatron forgets its groups without destroying them: with gloo
+        # each keeps its threads, thousands of them in a process that builds many models
+        from torch.distributed import distributed_c10d as c10d
+
+        default = c10d._get_default_group()
+        for group in list(c10d._world.pg_map):
+            if group is not default:
+                dist.destroy_process_group(group)
 
 
 def destroy_distributed() -> None:
