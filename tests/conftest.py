@@ -152,6 +152,16 @@ def _hf_families():
         # Qwen2: QKV bias, tied embeddings, an odd vocabulary (padded at tp=2)
         "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
             vocab_size=1001, num_key_value_heads=2, tie_word_embeddings=True, **common)),
+        # Mixtral: 4 experts, top-2, renormalized
+        "mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig(
+            vocab_size=1000, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=None, **common)),
+        # Qwen2-MoE: softmax over all experts then top-2 (no renormalization), a gated shared
+        # expert, fine-grained experts narrower than the shared one
+        "qwen2_moe": (transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig(
+            vocab_size=1000, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=48, shared_expert_intermediate_size=96, norm_topk_prob=False,
+            **common)),
     }
 
 

@@ -1,6 +1,6 @@
 """Run megatron-core 0.16.1 on CPU with gloo.
 
-megatron-core assumes CUDA in three ways, and has one CPU-only bug; each gets a named patch:
+megatron-core assumes CUDA in these ways; each gets one small, named patch:
 
 1. `torch.cuda.*` calls (current_device, synchronize, RNG state, streams, events) in many modules:
    a CPU shim replaces those functions on `torch.cuda` (they raise without CUDA anyway).
@@ -12,6 +12,8 @@ megatron-core assumes CUDA in three ways, and has one CPU-only bug; each gets a 
 4. Its distributed optimizer mishandles torch.optim's per-parameter Adam `step` (TE/apex
    FusedAdam keep it per group, so GPU clusters never see this): see
    `_patch_distributed_optimizer_torch_state`.
+5. The alltoall MoE dispatcher hands split sizes to `all_to_all_single` as tensors when they are
+   not on CUDA: `_patch_split_sizes_to_host`.
 
 Everything here names the megatron-core file and symbol it touches. `self_test()` checks each of
 them still exists and still needs the patch, so an upgrade fails loudly instead of silently.
@@ -63,7 +65,37 @@ SOURCE_REWRITES = (
     # tied embeddings with pipeline parallelism: the last stage's copy is synced from the first
     ("megatron.core.models.common.language_module.language_module",
      "LanguageModule.setup_embeddings_and_output_layer", _TO_CURRENT_DEVICE),
+    # uneven collectives (the alltoall MoE dispatcher with tensor parallelism): gloo requires
+    # equal sizes, so these go through padded equivalents below
+    ("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim",
+     (("torch.distributed.all_gather(output_tensor_list, input_, group=group)",
+       "_engine_cpu.uneven_all_gather(output_tensor_list, input_, group=group)"),)),
+    ("megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim",
+     (("torch.distributed.reduce_scatter(output, input_tensor_list, group=group)",
+       "_engine_cpu.uneven_reduce_scatter(output, input_tensor_list, group=group)"),)),
 )
+
+
+def uneven_all_gather(outputs: list, input_: torch.Tensor, group=None) -> None:
+    """all_gather of first-dimension chunks of different sizes: pad to the largest, trim."""
+    import torch.distributed as dist
+
+    sizes = [o.shape[0] for o in outputs]
+    padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded, group=group)
+    for out, got, n in zip(outputs, gathered, sizes, strict=True):
+        out.copy_(got[:n])
+
+
+def uneven_reduce_scatter(output: torch.Tensor, inputs: list, group=None) -> None:
+    """reduce_scatter of chunks of different sizes: a sum over the whole, then this rank's part."""
+    import torch.distributed as dist
+
+    total = torch.cat([t.contiguous() for t in inputs])
+    dist.all_reduce(total, group=group)
+    output.copy_(total.split([t.shape[0] for t in inputs])[dist.get_rank(group)])
 
 _FACTORIES = (
     "tensor",
@@ -198,6 +230,7 @@ def _recompile(module_name: str, qualname: str, replacements) -> None:
     The function is compiled inside a scope that defines `__class__`, so zero-argument `super()`
     keeps working in rewritten methods; it keeps its file and line numbers."""
     module, owner, name, raw, func = _resolve(module_name, qualname)
+    module._engine_cpu = sys.modules[__name__]  # replacements may call helpers of this module
     lines, first_line = inspect.getsourcelines(func)
     source = textwrap.dedent("".join(lines))
     _check_rewrite(module_name, qualname, source, replacements)
@@ -220,6 +253,21 @@ def _recompile(module_name: str, qualname: str, replacements) -> None:
             if getattr(other, "__name__", "").startswith("megatron.") and \
                     getattr(other, name, None) is func:
                 setattr(other, name, new)
+
+
+def _patch_split_sizes_to_host():
+    """megatron/core/transformer/moe/moe_utils.py `maybe_move_tensor_to_cpu` (imported by name
+    into token_dispatcher.py) converts the alltoall dispatcher's split sizes to host numpy only
+    when the tensor `is_cuda`; on CPU they stay tensors and `all_to_all_single` rejects them."""
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.numpy()
+        return tensor
+
+    for name in ("megatron.core.transformer.moe.moe_utils",
+                 "megatron.core.transformer.moe.token_dispatcher"):
+        importlib.import_module(name).maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
 def _patch_distributed_optimizer_torch_state():
@@ -310,6 +358,7 @@ def apply() -> bool:
     for module_name, qualname, replacements in SOURCE_REWRITES:
         _recompile(module_name, qualname, replacements)
     _patch_distributed_optimizer_torch_state()
+    _patch_split_sizes_to_host()
     _APPLIED = True
     return True
 
@@ -332,6 +381,10 @@ def self_test() -> None:
             "compat: DistributedOptimizer.load_state_dict no longer shares one "
             "`step` tensor; drop _patch_distributed_optimizer_torch_state"
         )
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if "tensor.is_cuda" not in inspect.getsource(moe_utils):
+        raise RuntimeError("compat: moe_utils.maybe_move_tensor_to_cpu no longer tests is_cuda; "
+                           "drop _patch_split_sizes_to_host")
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     for name in ("_get_cuda_rng_state", "_set_cuda_rng_state", "CudaRNGStatesTracker"):
         if not hasattr(random, name):

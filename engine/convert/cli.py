@@ -20,12 +20,9 @@ def _hf_to_engine(argv: list[str]) -> int:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
                    help="parameter dtype (default: the HF config's torch_dtype)")
     a = p.parse_args(argv)
-    if a.ep != 1:
-        from engine.convert import ConvertError
-        raise ConvertError("--ep: no MoE family is supported yet")
     from engine.convert.importer import hf_to_engine
 
-    out = hf_to_engine(a.hf, a.out, tp=a.tp, pp=a.pp, dtype=a.dtype)
+    out = hf_to_engine(a.hf, a.out, tp=a.tp, pp=a.pp, ep=a.ep, dtype=a.dtype)
     print(f"{out}  (train from it: --config {out}/recipe-fragment.yaml)")
     return 0
 

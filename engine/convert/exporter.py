@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +39,13 @@ def load_checkpoint_recipe(ckpt_arg: str | os.PathLike):
     stored = ckpt / "recipe.yaml"
     if not stored.is_file():
         raise ConvertError(f"{stored}: missing; the checkpoint does not say what model it holds")
-    return ckpt, recipe_from_dict(yaml.safe_load(stored.read_text()), source=str(stored))
+    recipe = recipe_from_dict(yaml.safe_load(stored.read_text()), source=str(stored))
+    if recipe.model.vocab_size is None:  # the vocabulary came from the tokenizer: pin it
+        from engine.data.tokenizer import load_tokenizer
+
+        vocab = load_tokenizer(recipe.tokenizer.type, recipe.tokenizer.path).vocab_size
+        recipe = replace(recipe, model=replace(recipe.model, vocab_size=vocab))
+    return ckpt, recipe
 
 
 def engine_to_hf(ckpt_arg: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16",

@@ -41,15 +41,18 @@ def vocab_divisor(vocab_size: int, tp: int) -> int:
     return 128
 
 
-def _recipe(model: dict, *, tp: int, pp: int, dtype: str) -> dict:
+def _recipe(model: dict, *, tp: int, pp: int, ep: int = 1, dtype: str) -> dict:
     model = {**model, "make_vocab_size_divisible_by": vocab_divisor(model["vocab_size"], tp)}
     seq = min(model["max_position_embeddings"], 4096)
-    return {"model": model, "parallel": {"tp": tp, "pp": pp},
+    parallel = {"tp": tp, "pp": pp, "ep": ep}
+    if "moe" in model and tp > 1:
+        parallel["sequence_parallel"] = True  # megatron-core's rule for MoE with TP
+    return {"model": model, "parallel": parallel,
             "data": {"synthetic": True, "seq_length": seq}, "train": {"precision": dtype}}
 
 
 def hf_to_engine(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1,
-                 dtype: str | None = None, progress: bool = True) -> Path:
+                 ep: int = 1, dtype: str | None = None, progress: bool = True) -> Path:
     """Convert; returns the output directory (a checkpoint root with a tracker)."""
     out = Path(out)
     if out.exists():
@@ -60,7 +63,7 @@ def hf_to_engine(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int =
     except ConfigError as e:
         raise ConvertError(str(e)) from None
     dtype = dtype or _HF_DTYPES.get(hf.config.get("torch_dtype") or hf.config.get("dtype"), "fp32")
-    plain = _recipe(model, tp=tp, pp=pp, dtype=dtype)
+    plain = _recipe(model, tp=tp, pp=pp, ep=ep, dtype=dtype)
     recipe = recipe_from_dict(plain, source=str(hf.path / "config.json"))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -14,15 +14,24 @@ import torch
 
 from engine.convert import ConvertError
 from engine.models.family import Family
-from engine.models.weights import Shape, WeightMap
+from engine.models.weights import Shape, WeightMap, is_moe_layer
 
 
-def _layers(m: WeightMap, shape: Shape) -> Iterable[int | None]:
-    return range(shape.model.num_layers) if m.per_layer else (None,)
+def _slots(m: WeightMap, shape: Shape) -> list[dict]:
+    """The template arguments of every tensor a map covers: {} once, {i} per layer (of the kind
+    the map is for: dense or MoE), {i, e} per layer and expert."""
+    if not m.per_layer:
+        return [{}]
+    model = shape.model
+    layers = [i for i in range(model.num_layers) if m.layers == "all" or
+              (m.layers == "moe") == is_moe_layer(model, i)]
+    if "{e}" not in m.engine:
+        return [{"i": i} for i in layers]
+    return [{"i": i, "e": e} for i in layers for e in range(model.moe.num_experts)]
 
 
-def _name(template: str, layer: int | None) -> str:
-    return template if layer is None else template.format(i=layer)
+def _name(template: str, slot: dict) -> str:
+    return template.format(**slot) if slot else template
 
 
 def _active(family: Family, shape: Shape) -> list[WeightMap]:
@@ -42,12 +51,12 @@ def to_engine(family: Family, shape: Shape, read: Callable[[str], torch.Tensor],
 
     `engine_shapes` are the target model's parameter shapes (padded vocabulary included)."""
     remaining = set(hf_keys)
-    dropped = {_name(t, i) for t in family.dropped for i in range(shape.model.num_layers)}
+    dropped = {t.format(i=i) for t in family.dropped for i in range(shape.model.num_layers)}
     remaining -= dropped
     for m in _active(family, shape):
-        for layer in _layers(m, shape):
-            key = _name(m.engine, layer)
-            names = [_name(h, layer) for h in m.hf]
+        for slot in _slots(m, shape):
+            key = _name(m.engine, slot)
+            names = [_name(h, slot) for h in m.hf]
             absent = [n for n in names if n not in remaining]
             if absent:
                 raise ConvertError(f"{family.name}: tensor '{absent[0]}' is missing from the HF "
@@ -73,12 +82,12 @@ def to_hf(family: Family, shape: Shape, read: Callable[[str], torch.Tensor]
           ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF key, tensor) for every HF tensor, reading engine tensors by name."""
     for m in _active(family, shape):
-        for layer in _layers(m, shape):
-            tensors = m.to_hf(read(_name(m.engine, layer)), shape)
-            yield from zip((_name(h, layer) for h in m.hf), tensors, strict=True)
+        for slot in _slots(m, shape):
+            tensors = m.to_hf(read(_name(m.engine, slot)), shape)
+            yield from zip((_name(h, slot) for h in m.hf), tensors, strict=True)
 
 
 def count_tensors(family: Family, shape: Shape, *, side: str) -> int:
     """How many tensors a conversion writes (for progress bars): side is "hf" or "engine"."""
-    return sum(len(_layers(m, shape)) * (len(m.hf) if side == "hf" else 1)
+    return sum(len(_slots(m, shape)) * (len(m.hf) if side == "hf" else 1)
                for m in _active(family, shape))

@@ -8,9 +8,11 @@ import difflib
 
 from engine.config.errors import ConfigError
 from engine.models.family import Family
-from engine.models.llama import AQUILA, LLAMA, MISTRAL, QWEN2
+from engine.models.llama import AQUILA, LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN2_MOE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, AQUILA)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (LLAMA, MISTRAL, QWEN2, AQUILA, MIXTRAL, QWEN2_MOE)
+}
 
 
 def get_family(name: str) -> Family:

@@ -11,6 +11,25 @@ from engine.models.weights import WeightMap
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class HFMoEKeys:
+    """Where an HF MoE config keeps its mixture-of-experts settings."""
+
+    num_experts: str
+    """e.g. num_local_experts (Mixtral), num_experts (Qwen2-MoE)."""
+    expert_width: str
+    """e.g. intermediate_size (Mixtral), moe_intermediate_size (Qwen2-MoE)."""
+    renormalize: str | None = None
+    """Key saying whether the top-k weights are renormalized (false: softmax over all experts,
+    then top-k); None = always renormalized (top-k, then softmax)."""
+    shared_expert_width: str | None = None
+    """Key of the shared expert's width (Qwen2-MoE); None = no shared expert."""
+    shared_expert_gate: bool = False
+    """The shared expert is scaled by sigmoid(gate(x))."""
+    sparse_step: str | None = None
+    """Key of "every n-th layer is MoE" (Qwen2-MoE decoder_sparse_step)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Family:
     name: str
     """Registry key, the recipe's `model.family`."""
@@ -26,6 +45,8 @@ class Family:
     """QKV bias fixed by the architecture (Qwen2: always); None = HF `attention_bias` decides."""
     hf_extra: tuple[tuple[str, object], ...] = ()
     """Constant HF config entries written on export."""
+    hf_moe: HFMoEKeys | None = None
+    """Mixture-of-experts families: their HF config keys; None = dense."""
     normalization: str = "RMSNorm"
     """megatron-core `TransformerConfig.normalization`."""
     gated_linear_unit: bool = True

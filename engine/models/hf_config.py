@@ -66,7 +66,47 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> tuple[Family,
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         window_size=window if window and window < hf["max_position_embeddings"] else None,
     )
+    if family.hf_moe is not None:
+        model["moe"] = _moe_from_hf(family, hf, source)
     return family, model
+
+
+def _moe_from_hf(family: Family, hf: dict, source: str) -> dict:
+    keys = family.hf_moe
+    step = hf.get(keys.sparse_step, 1) if keys.sparse_step else 1
+    if step != 1 or hf.get("mlp_only_layers"):
+        raise ConfigError(f"{source}: only every-layer MoE is supported ({keys.sparse_step}="
+                          f"{step}, mlp_only_layers={hf.get('mlp_only_layers')})")
+    moe = {"num_experts": hf[keys.num_experts], "topk": hf["num_experts_per_tok"],
+           "ffn_hidden_size": hf[keys.expert_width],
+           "router_pre_softmax": bool(keys.renormalize) and not hf.get(keys.renormalize, False),
+           "aux_loss_coeff": float(hf.get("router_aux_loss_coef", 0.0))}
+    shared = hf.get(keys.shared_expert_width) if keys.shared_expert_width else None
+    if shared:
+        moe.update(shared_expert_ffn_hidden_size=shared,
+                   shared_expert_gate=keys.shared_expert_gate)
+    return moe
+
+
+def _moe_to_hf(family: Family, model: ModelConfig) -> dict:
+    keys, moe = family.hf_moe, model.moe
+    if moe is None or moe.layer_freq != 1 or moe.shared_expert_gate != (
+            keys.shared_expert_gate and moe.shared_expert_ffn_hidden_size is not None):
+        raise ConfigError(f"model.moe does not fit the {family.name} HF layout (every layer MoE"
+                          f"{', a gated shared expert' if keys.shared_expert_gate else ''})")
+    out = {keys.num_experts: moe.num_experts, "num_experts_per_tok": moe.topk,
+           keys.expert_width: moe.ffn_hidden_size or model.ffn_hidden_size,
+           "router_aux_loss_coef": moe.aux_loss_coeff}
+    if keys.renormalize:
+        out[keys.renormalize] = not moe.router_pre_softmax
+    elif moe.router_pre_softmax:
+        raise ConfigError(f"{family.name} renormalizes the top-k weights: model.moe."
+                          "router_pre_softmax must be false")
+    if keys.shared_expert_width:
+        out[keys.shared_expert_width] = moe.shared_expert_ffn_hidden_size or 0
+    if keys.sparse_step:
+        out[keys.sparse_step] = 1
+    return out
 
 
 def hf_config_from_model(family: Family, model: ModelConfig, *, dtype: str) -> dict:
@@ -88,6 +128,11 @@ def hf_config_from_model(family: Family, model: ModelConfig, *, dtype: str) -> d
         "attention_bias": model.add_qkv_bias if family.qkv_bias is None else family.qkv_bias,
         "mlp_bias": False, "sliding_window": model.window_size, **dict(family.hf_extra),
     }
+    if family.hf_moe is not None:
+        config.update(_moe_to_hf(family, model))
+    elif model.moe is not None:
+        raise ConfigError(f"model.family={family.name} is dense; model.moe has no HF equivalent "
+                          "(use family mixtral or qwen2_moe)")
     if model.rotary_scaling is not None:
         s = model.rotary_scaling
         config["rope_scaling"] = {

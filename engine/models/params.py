@@ -1,6 +1,8 @@
 """Parameter counts of a decoder from its recipe shape (pure arithmetic, no torch).
 
-Used to check the real-shape recipes against published sizes and by the FLOP formulas.
+Used to check the real-shape recipes against published sizes and by the FLOP formulas. For a
+mixture of experts, `total` counts every expert and `matmul_active` only the top-k experts a
+token passes through (plus the router and any shared expert): the FLOPs a token costs.
 """
 
 from dataclasses import dataclass
@@ -14,16 +16,28 @@ class ParamCount:
     """Input embedding (padded vocab x hidden)."""
     output: int
     """Output layer; 0 when tied to the embedding."""
-    per_layer: int
-    """One decoder layer: attention, MLP and its two norms."""
-    per_layer_matmul: int
-    """The part of per_layer that is matrix weights (no norms, no biases)."""
+    layers: int
+    """All decoder layers: attention, MLPs (every expert), norms, biases."""
+    matmul_active: int
+    """Matrix weights a token multiplies with in the decoder layers (MoE: top-k experts)."""
     final_norm: int
-    num_layers: int
 
     @property
     def total(self) -> int:
-        return self.embedding + self.output + self.num_layers * self.per_layer + self.final_norm
+        return self.embedding + self.output + self.layers + self.final_norm
+
+
+def _mlp(model: ModelConfig, layer: int, gated: bool) -> tuple[int, int]:
+    """(all parameters, active matmul parameters) of one layer's MLP."""
+    h, per_neuron = model.hidden_size, (3 if gated else 2) * model.hidden_size
+    moe = model.moe
+    if moe is None or layer % moe.layer_freq:
+        return per_neuron * model.ffn_hidden_size, per_neuron * model.ffn_hidden_size
+    expert = per_neuron * (moe.ffn_hidden_size or model.ffn_hidden_size)
+    shared = per_neuron * (moe.shared_expert_ffn_hidden_size or 0) + \
+        (h if moe.shared_expert_gate else 0)
+    router = h * moe.num_experts
+    return moe.num_experts * expert + router + shared, moe.topk * expert + router + shared
 
 
 def count_parameters(model: ModelConfig, vocab_size: int, *, gated: bool = True) -> ParamCount:
@@ -34,14 +48,15 @@ def count_parameters(model: ModelConfig, vocab_size: int, *, gated: bool = True)
     head_dim = model.kv_channels or h // heads
     qkv_out = (heads + 2 * groups) * head_dim
     attention = h * qkv_out + heads * head_dim * h
-    mlp = (3 if gated else 2) * h * model.ffn_hidden_size
     biases = qkv_out if model.add_qkv_bias else 0
+    layers = active = 0
+    for layer in range(model.num_layers):
+        mlp_all, mlp_active = _mlp(model, layer, gated)
+        layers += attention + biases + 2 * h + mlp_all
+        active += attention + mlp_active
     embedding = vocab_size * h
     return ParamCount(
         embedding=embedding,
         output=0 if model.share_embeddings_and_output_weights else embedding,
-        per_layer=attention + mlp + biases + 2 * h,
-        per_layer_matmul=attention + mlp,
-        final_norm=h,
-        num_layers=model.num_layers,
+        layers=layers, matmul_active=active, final_norm=h,
     )

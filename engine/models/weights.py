@@ -98,15 +98,26 @@ class WeightMap:
     to_hf: Callable[..., tuple[torch.Tensor, ...]] = _identity_to_hf
     """(engine_tensor, shape) -> hf tensors, in `hf` order."""
     when: str | None = None
-    """Present only if this holds: "qkv_bias" or "untied" (output layer not tied)."""
+    """Present only if this holds: "qkv_bias", "untied" (output layer not tied),
+    "shared_expert", "shared_expert_gate"."""
+    layers: str = "all"
+    """Per-layer maps: on "all" layers, only "dense" (MLP) layers or only "moe" layers."""
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.engine
 
     def applies(self, model: ModelConfig) -> bool:
+        moe = model.moe
         return {None: True, "qkv_bias": model.add_qkv_bias,
-                "untied": not model.share_embeddings_and_output_weights}[self.when]
+                "untied": not model.share_embeddings_and_output_weights,
+                "shared_expert": moe is not None and moe.shared_expert_ffn_hidden_size is not None,
+                "shared_expert_gate": moe is not None and moe.shared_expert_gate}[self.when]
+
+
+def is_moe_layer(model: ModelConfig, layer: int) -> bool:
+    """megatron's rule: layer i (0-based) is MoE when i % moe.layer_freq == 0."""
+    return model.moe is not None and layer % model.moe.layer_freq == 0
 
 
 def llama_weights() -> tuple[WeightMap, ...]:
@@ -125,8 +136,8 @@ def llama_weights() -> tuple[WeightMap, ...]:
         WeightMap(("model.layers.{i}.post_attention_layernorm.weight",),
                   f"{layer}.pre_mlp_layernorm.weight"),
         WeightMap((f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"),
-                  f"{layer}.mlp.linear_fc1.weight", fuse_gate_up, split_gate_up),
-        WeightMap((f"{mlp}.down_proj.weight",), f"{layer}.mlp.linear_fc2.weight"),
+                  f"{layer}.mlp.linear_fc1.weight", fuse_gate_up, split_gate_up, layers="dense"),
+        WeightMap((f"{mlp}.down_proj.weight",), f"{layer}.mlp.linear_fc2.weight", layers="dense"),
         WeightMap(("model.norm.weight",), "decoder.final_layernorm.weight"),
         WeightMap(("lm_head.weight",), "output_layer.weight", pad_vocab, trim_vocab, "untied"),
     )
@@ -134,3 +145,38 @@ def llama_weights() -> tuple[WeightMap, ...]:
 
 LLAMA_DROPPED = ("model.layers.{i}.self_attn.rotary_emb.inv_freq",)
 """HF buffers some checkpoints carry that are not weights (recomputed from the config)."""
+
+
+def _swiglu_maps(hf_prefix: str, engine_prefix: str, names: tuple[str, str, str], **kw):
+    """fc1 = [gate; up] and fc2 = down of one SwiGLU MLP (names: gate, up, down)."""
+    gate, up, down = (f"{hf_prefix}.{n}.weight" for n in names)
+    return (WeightMap((gate, up), f"{engine_prefix}.linear_fc1.weight", fuse_gate_up,
+                      split_gate_up, **kw),
+            WeightMap((down,), f"{engine_prefix}.linear_fc2.weight", **kw))
+
+
+def mixtral_weights() -> tuple[WeightMap, ...]:
+    """Mixtral (Jiang et al. 2024): every layer's MLP is `block_sparse_moe` with experts w1 (gate),
+    w3 (up), w2 (down) and a linear router `gate`."""
+    moe, layer = "model.layers.{i}.block_sparse_moe", "decoder.layers.{i}.mlp"
+    return llama_weights() + (
+        WeightMap((f"{moe}.gate.weight",), f"{layer}.router.weight", layers="moe"),
+        *_swiglu_maps(f"{moe}.experts.{{e}}", f"{layer}.experts.local_experts.{{e}}",
+                      ("w1", "w3", "w2"), layers="moe"),
+    )
+
+
+def qwen2_moe_weights() -> tuple[WeightMap, ...]:
+    """Qwen2-MoE: routed experts, an always-on shared expert scaled by sigmoid(shared_expert_gate)
+    and a router `gate`, with HF's usual gate/up/down names."""
+    moe, layer = "model.layers.{i}.mlp", "decoder.layers.{i}.mlp"
+    names = ("gate_proj", "up_proj", "down_proj")
+    return llama_weights() + (
+        WeightMap((f"{moe}.gate.weight",), f"{layer}.router.weight", layers="moe"),
+        *_swiglu_maps(f"{moe}.experts.{{e}}", f"{layer}.experts.local_experts.{{e}}", names,
+                      layers="moe"),
+        *_swiglu_maps(f"{moe}.shared_expert", f"{layer}.shared_experts", names, layers="moe",
+                      when="shared_expert"),
+        WeightMap((f"{moe}.shared_expert_gate.weight",), f"{layer}.shared_experts.gate_weight",
+                  layers="moe", when="shared_expert_gate"),
+    )

@@ -6,7 +6,8 @@ Two conventions, both per token for forward + backward (backward = 2x forward):
   (PaLM, Chowdhery et al. 2022, appendix B; torchtitan's `get_num_flop_per_token`).
 - `megatron`: the same but causal attention counted at half (only the lower triangle is computed;
   Megatron-LM `num_floating_point_operations` since 2024).
-MFU in the engine uses `palm`.
+MFU in the engine uses `palm`. A mixture of experts counts only the top-k experts (and the
+router and any shared expert) each token goes through.
 """
 
 from engine.config.recipe import ModelConfig
@@ -17,7 +18,7 @@ def flops_per_token(
     model: ModelConfig, vocab_size: int, seq_length: int, *, convention: str = "palm"
 ) -> float:
     counts = count_parameters(model, vocab_size)
-    n_matmul = counts.num_layers * counts.per_layer_matmul + counts.embedding  # output layer
+    n_matmul = counts.matmul_active + counts.embedding  # the output layer's matmul counts
     head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
     attention = 6 * model.num_layers * 2 * model.num_attention_heads * head_dim * seq_length
     if convention == "megatron":

@@ -1,6 +1,7 @@
 """Run under torchrun by the conversion tests: engine logits of converted checkpoints at a layout.
 
-argv: SPEC.json. SPEC is {"jobs": [{"ckpt": ..., "tp": N, "pp": N, "tokens": FILE, "out": FILE}]}.
+argv: SPEC.json. SPEC is {"jobs": [{"ckpt": ..., "tp": N, "pp": N, "ep": N, "tokens": FILE,
+"out": FILE}]}.
 Each job loads the checkpoint at its layout and the rank holding the gathered logits (last
 pipeline stage, tensor-parallel rank 0) saves them with torch.save (tensors only)."""
 
@@ -24,7 +25,10 @@ def main() -> None:
 
     for job in json.loads(open(sys.argv[1]).read())["jobs"]:
         ckpt, recipe = load_checkpoint_recipe(job["ckpt"])
-        recipe = replace(recipe, parallel=ParallelConfig(tp=job["tp"], pp=job["pp"]))
+        moe_tp = recipe.model.moe is not None and job["tp"] > 1  # megatron: MoE + TP needs SP
+        recipe = replace(recipe, parallel=ParallelConfig(tp=job["tp"], pp=job["pp"],
+                                                         ep=job.get("ep", 1),
+                                                         sequence_parallel=moe_tp))
         runtime = init_distributed(recipe)
         tc = transformer_config(recipe, runtime.layout, on_cpu=True)
         chunks = build_model(recipe, tc, vocab_size=checkpoint_vocab(ckpt, recipe), spec="local")

@@ -1,4 +1,5 @@
-"""Imported checkpoints at other layouts: TP=2 and PP=2 give the transformers logits; and a round
+"""Imported checkpoints at other layouts: TP=2, PP=2 (and EP=2 for MoE) give the transformers
+logits; and a round
 trip through training (import, 2 steps at TP=2, export) loads in transformers with the engine's
 TP=1 logits."""
 
@@ -14,7 +15,11 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("convert_worker.py")
 TRAIN_WORKER = Path(__file__).with_name("worker.py")
-FAMILIES = ["llama2", "llama3", "mistral", "qwen2", "aquila"]
+FAMILIES = ["llama2", "llama3", "mistral", "qwen2", "aquila", "mixtral", "qwen2_moe"]
+LAYOUTS = {"tp2-pp1-ep1": (2, 1, 1), "tp1-pp2-ep1": (1, 2, 1), "tp1-pp1-ep2": (1, 1, 2)}
+MOE = ("mixtral", "qwen2_moe")
+CASES = [(f, name) for f in FAMILIES for name, (_, _, ep) in LAYOUTS.items()
+         if ep == 1 or f in MOE]  # expert parallelism only for the MoE families
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +27,16 @@ def layout_logits(hf_models, converted, tmp_path_factory, torchrun):
     tmp = tmp_path_factory.mktemp("layouts")
     tokens = tmp / "tokens.pt"
     torch.save(random_tokens(1000, batch=2, seq=256, seed=3), tokens)
-    jobs = [{"ckpt": str(converted[f]), "tp": tp, "pp": pp, "tokens": str(tokens),
-             "out": str(tmp / f"{f}-tp{tp}-pp{pp}.pt")}
-            for f in FAMILIES for tp, pp in ((2, 1), (1, 2))]
+    jobs = [{"ckpt": str(converted[f]), "tp": tp, "pp": pp, "ep": ep, "tokens": str(tokens),
+             "out": str(tmp / f"{f}-{name}.pt")}
+            for f in FAMILIES for name, (tp, pp, ep) in LAYOUTS.items()
+            if ep == 1 or f in MOE]
     (tmp / "spec.json").write_text(json.dumps({"jobs": jobs}))
     torchrun(2, WORKER, str(tmp / "spec.json"), timeout=900)
     return torch.load(tokens), {Path(j["out"]).stem: torch.load(j["out"]) for j in jobs}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("layout", ["tp2-pp1", "tp1-pp2"])
+@pytest.mark.parametrize("family, layout", CASES)
 def test_logits_at_other_layouts(family, layout, hf_models, layout_logits):
     tokens, logits = layout_logits
     _, model = hf_models[family]

@@ -12,7 +12,7 @@ from engine.convert.exporter import engine_to_hf
 from engine.convert.importer import hf_to_engine
 from engine.convert.verify import compare_logits, random_tokens, verify
 
-FAMILIES = ["llama2", "llama3", "mistral", "qwen2", "aquila"]
+FAMILIES = ["llama2", "llama3", "mistral", "qwen2", "aquila", "mixtral", "qwen2_moe"]
 
 
 def reference_logits(model, tokens):
@@ -41,7 +41,7 @@ def test_imported_model_has_the_same_logits(name, hf_models, converted):
     assert diff.top1 == 1.0
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["llama2", "llama3", "mistral", "qwen2", "mixtral", "qwen2_moe"])
 def test_export_round_trip_is_bit_exact(name, hf_models, converted, tmp_path):
     from transformers import AutoModelForCausalLM
 

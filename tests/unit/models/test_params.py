@@ -58,3 +58,19 @@ def test_qkv_bias_and_tying_change_the_count():
     assert biased.total - base.total == model.num_layers * (heads + 2 * groups) * head_dim
     tied = count_parameters(replace(model, share_embeddings_and_output_weights=True), 1000)
     assert base.total - tied.total == 1000 * model.hidden_size
+
+
+def test_moe_counts_every_expert_but_flops_only_the_active_ones():
+    from dataclasses import replace
+
+    from engine.config.recipe import MoEConfig
+    from engine.train.flops import flops_per_token
+
+    dense = load_recipe("configs/llama3-8b.yaml").model
+    moe = replace(dense, moe=MoEConfig(num_experts=8, topk=2))
+    d, m = count_parameters(dense, 1000), count_parameters(moe, 1000)
+    mlp, router = 3 * 4096 * 14336, 4096 * 8
+    assert m.total - d.total == dense.num_layers * (7 * mlp + router)
+    assert m.matmul_active - d.matmul_active == dense.num_layers * (mlp + router)
+    assert flops_per_token(moe, 1000, 128) - flops_per_token(dense, 1000, 128) == \
+        6 * dense.num_layers * (mlp + router)
