@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from engine.checkpoint import TrainState, current_layout, read_train_state, save_checkpoint
+from engine.checkpoint.io import completed_stages
 from engine.config.loader import recipe_from_dict, recipe_to_dict
 from engine.config.recipe import Recipe
 from engine.convert.engine_model import checkpoint_vocab, engine_model, parameters
@@ -40,8 +41,9 @@ def read_checkpoint(ckpt_arg: str | os.PathLike) -> tuple[Path, Recipe, StateDic
 
 
 def write_checkpoint(out: str | os.PathLike, recipe: Recipe, state: StateDict, *,
-                     report: dict) -> Path:
-    """Save `state` as the step-0 checkpoint of `recipe` into the new directory `out`."""
+                     report: dict, source: Path | None = None) -> Path:
+    """Save `state` as the step-0 checkpoint of `recipe` into the new directory `out`; the
+    training history (stages, tokens) of the `source` checkpoint carries over."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UpcycleError(f"{out}: not empty; choose a new output directory")
@@ -60,7 +62,8 @@ def write_checkpoint(out: str | os.PathLike, recipe: Recipe, state: StateDict, *
                     raise UpcycleError(f"'{name}' is {tuple(state[name].shape)}; the target "
                                        f"model expects {tuple(param.shape)}")
                 param.copy_(state[name])
-            save_checkpoint(tmp, [model], None, TrainState(0, 0, 0, {}),
+            history = completed_stages(source) if source is not None else []
+            save_checkpoint(tmp, [model], None, TrainState(0, 0, 0, {}, earlier_stages=history),
                             layout=current_layout(distributed_optimizer=False,
                                                   optim_sharding="dp_reshardable",
                                                   padded_vocab_size=vocab),
@@ -75,15 +78,44 @@ def write_checkpoint(out: str | os.PathLike, recipe: Recipe, state: StateDict, *
     return out
 
 
-def loss_on_tokens(recipe: Recipe, state: StateDict, tokens: torch.Tensor) -> float:
-    """Mean next-token loss of the model `state` on `tokens` [b, s+1] (fp32, one process)."""
+def evaluate_tokens(recipe: Recipe, state: StateDict, tokens: torch.Tensor
+                    ) -> tuple[float, torch.Tensor]:
+    """(mean next-token loss, logits [b, s, padded vocab]) of the model `state` on `tokens`
+    [b, s+1], in one process, in eval mode (no MoE auxiliary losses)."""
     vocab = state["embedding.word_embeddings.weight"].shape[0]
     with engine_model(recipe, vocab_size=vocab) as model, torch.no_grad():
         for name, param in parameters(model).items():
             param.copy_(state[name])
+        model.eval()
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         position_ids = torch.arange(inputs.shape[1]).expand_as(inputs)
-        return model(inputs, position_ids, None, labels=labels).float().mean().item()
+        logits = model(inputs, position_ids, None).float()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return loss.item(), logits
+
+
+def loss_on_tokens(recipe: Recipe, state: StateDict, tokens: torch.Tensor) -> float:
+    """Mean next-token loss of the model `state` on `tokens` [b, s+1] (fp32, one process)."""
+    return evaluate_tokens(recipe, state, tokens)[0]
+
+
+def fit_vocab(state: StateDict, recipe: Recipe) -> StateDict:
+    """Embedding/output rows padded (zeros) or trimmed to the padding `recipe` needs at its tp:
+    megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x tp."""
+    rows = model_vocab_size(recipe, None)
+    out = dict(state)
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if key in out and out[key].shape[0] != rows:
+            t = out[key][: min(rows, out[key].shape[0])]
+            out[key] = torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+    return out
+
+
+def start_from(out: str | os.PathLike) -> dict:
+    """The checkpoint section of an upcycled model's recipe: train it from `out` (weights only);
+    where the source run saved (and how often) is no business of the new model."""
+    return {"save": None, "load": None, "pretrained": str(Path(out).resolve()),
+            "save_interval": None, "keep_last": None}
 
 
 def derived_recipe(recipe: Recipe, **sections) -> Recipe:

@@ -52,8 +52,8 @@ def layout(tp=1, pp=1, dp=1, distopt=True, sharding="dp_reshardable") -> SavedLa
 
 def test_dp_reshardable_state_loads_at_another_dp_only(tmp_path):
     _check_optimizer_compatible(tmp_path, layout(dp=2), layout(dp=1))
-    with pytest.raises(CheckpointError, match=r"saved as dp_reshardable at tp=2 pp=1 cannot load "
-                                              r"at tp=1 pp=1.*checkpoint.load_optim=false"):
+    with pytest.raises(CheckpointError, match=r"saved as dp_reshardable at tp=2 pp=1 ep=1 cannot "
+                                              r"load at tp=1 pp=1 ep=1.*load_optim=false"):
         _check_optimizer_compatible(tmp_path, layout(tp=2), layout(tp=1))
 
 

@@ -1,0 +1,163 @@
+"""Scale-Out: a dense model's FFNs become mixture-of-experts layers (sparse upcycling).
+
+Sources: Komatsuzaki et al. 2023, "Sparse Upcycling" (every expert starts as the dense FFN);
+He et al. 2024, "Upcycling Large Language Models into Mixture of Experts", arXiv 2410.07524
+(granular upcycling, virtual groups, weight scaling; megatron-core's upcycling_utils.py);
+AquilaMoE, arXiv 2408.06567 (the EfficientScale Scale-Out stage). Pure: a state dict in (megatron
+GPTModel keys at TP=1), a state dict out; no modules, files or process groups.
+
+Notation: E experts, granularity G (each dense FFN of width f is cut into G shards of width f/G),
+R = E/G copies of the dense FFN ("virtual groups"), top-T routing.
+
+- Shards (SwiGLU): gate and up are cut separately, down_proj on its input dimension:
+  shard s = (gate[s*f/G:(s+1)*f/G], up[same rows], down[:, same columns]); expert e holds shard
+  e mod G, so experts {kG, ..., kG+G-1} form copy k of the dense FFN.
+- Router (virtual groups): R rows r_k drawn at init; expert e gets row r_(e div G). The G
+  experts of a group tie exactly, so with T = mG a token's top-T is m whole groups: every shard
+  exactly m times (once when T = G). Requires T % G == 0 when G > 1.
+- Output at init: with top-k-then-softmax (router_pre_softmax=false) the weights of the chosen
+  experts sum to 1 and a group's G members share theirs, so the MoE output is dense(x) / G. With
+  softmax-then-top-k and router logits near 0 each chosen expert weighs about 1/E; the T chosen
+  experts are T/G whole groups, so the output is about (T/G)(1/E) dense(x) = dense(x) / (R G²/T).
+  He et al. call the factor to undo the "activation scale" a: a = R·G²/T (pre-softmax), a = G
+  (otherwise).
+- Weight scaling (--weight-scaling):
+  auto (He et al., eq. for gated units): multiply fc1 (gate and up) and fc2 by a^(1/3), since a
+       SwiGLU expert scales like the cube of its weights for small inputs (a^(1/2) for a plain
+       activation, degree 2). This restores the activation *scale*, not the function: SiLU is
+       not homogeneous.
+  exact: multiply fc2 alone by a. The expert's output is linear in fc2, so with
+       router_pre_softmax=false the MoE output equals dense(x) exactly, for any G dividing T.
+  none: no scaling.
+- Invariant (tested): coarse upcycling (G=1) with top-k-then-softmax gives the dense model's
+  logits for any router seed (a = 1: every scaling mode is exact); granular upcycling with
+  `exact` scaling likewise.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from engine.config.recipe import ModelConfig
+from engine.upcycle import UpcycleError
+
+StateDict = dict[str, torch.Tensor]
+_FFN = re.compile(r"decoder\.layers\.(\d+)\.mlp\.linear_fc([12])\.weight")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScaleOutSpec:
+    granularity: int = 1
+    """G: shards per dense FFN."""
+    router_init: str = "normal"
+    """normal (std router_std) | zeros (all experts tie: routing by index order at step 0)."""
+    router_std: float = 0.02
+    weight_scaling: str = "auto"
+    """auto (He et al. 2024, a^(1/3) on fc1 and fc2) | exact (a on fc2) | none."""
+    noise: float = 0.0
+    """Relative std of Gaussian noise added to each expert (x std of the tensor) to break the
+    symmetry between copies; 0 keeps the invariant."""
+    seed: int = 0
+
+
+def activation_scale(moe_cfg, granularity: int) -> float:
+    """a (He et al. 2024): how much smaller the upcycled MoE output is than the dense output."""
+    replicas = moe_cfg.num_experts // granularity
+    if moe_cfg.router_pre_softmax:
+        return replicas * granularity**2 / moe_cfg.topk
+    return float(granularity)
+
+
+def weight_scales(spec: ScaleOutSpec, moe_cfg, *, gated: bool = True) -> tuple[float, float]:
+    """(fc1 factor, fc2 factor) for the chosen weight-scaling mode."""
+    a = activation_scale(moe_cfg, spec.granularity)
+    if spec.weight_scaling == "none":
+        return 1.0, 1.0
+    if spec.weight_scaling == "exact":
+        return 1.0, a
+    if spec.weight_scaling == "auto":
+        root = a ** (1 / 3) if gated else math.sqrt(a)
+        return root, root
+    raise UpcycleError(f"--weight-scaling {spec.weight_scaling}: expected auto|exact|none")
+
+
+def check(src: ModelConfig, dst: ModelConfig, spec: ScaleOutSpec) -> None:
+    """Refuse shapes that cannot be upcycled, naming the numbers."""
+    moe, g = dst.moe, spec.granularity
+    if moe is None:
+        raise UpcycleError("the target model has no model.moe section")
+    if src.moe is not None:
+        raise UpcycleError("the source is already a mixture of experts")
+    if src.ffn_hidden_size % g:
+        raise UpcycleError(f"--granularity {g} must divide the dense ffn_hidden_size "
+                           f"{src.ffn_hidden_size}")
+    if moe.num_experts % g:
+        raise UpcycleError(f"--granularity {g} must divide --num-experts {moe.num_experts}")
+    width = moe.ffn_hidden_size or dst.ffn_hidden_size
+    if width != src.ffn_hidden_size // g:
+        raise UpcycleError(f"expert width {width} must be ffn_hidden_size/G = "
+                           f"{src.ffn_hidden_size // g}")
+    if g > 1 and moe.topk % g:
+        raise UpcycleError(f"--topk {moe.topk} must be a multiple of --granularity {g}: a "
+                           "token's top-k must take whole virtual groups to cover every shard")
+
+
+def _router(num_experts: int, hidden: int, spec: ScaleOutSpec, gen: torch.Generator):
+    groups = num_experts // spec.granularity
+    if spec.router_init == "zeros":
+        rows = torch.zeros(groups, hidden)
+    elif spec.router_init == "normal":
+        rows = torch.randn(groups, hidden, generator=gen, dtype=torch.float64) * spec.router_std
+    else:
+        raise UpcycleError(f"--router-init {spec.router_init}: expected normal|zeros")
+    return rows.repeat_interleave(spec.granularity, dim=0)  # expert e -> row e // G
+
+
+def _noisy(t: torch.Tensor, spec: ScaleOutSpec, gen: torch.Generator) -> torch.Tensor:
+    if spec.noise == 0:
+        return t
+    noise = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+    return (t.double() + noise * spec.noise * t.double().std()).to(t.dtype)
+
+
+def scale_out(state: StateDict, src: ModelConfig, dst: ModelConfig, *,
+              spec: ScaleOutSpec) -> tuple[StateDict, dict]:
+    """The MoE state dict and a record of what went where (for the report)."""
+    check(src, dst, spec)
+    moe, g = dst.moe, spec.granularity
+    fc1_scale, fc2_scale = weight_scales(spec, moe)
+    gen = torch.Generator().manual_seed(spec.seed)
+    out, layers = {}, {}
+    for key, tensor in state.items():
+        match = _FFN.fullmatch(key)
+        if match is None or int(match[1]) % moe.layer_freq:
+            out[key] = tensor.clone()  # attention, norms, embeddings, dense layers: copied
+            continue
+        if match[2] == "2":
+            continue  # handled with fc1
+        layer = int(match[1])
+        prefix = f"decoder.layers.{layer}.mlp"
+        gate, up = state[f"{prefix}.linear_fc1.weight"].chunk(2, dim=0)
+        down = state[f"{prefix}.linear_fc2.weight"]
+        gates, ups, downs = gate.chunk(g, 0), up.chunk(g, 0), down.chunk(g, 1)
+        for e in range(moe.num_experts):
+            s = e % g
+            expert = f"{prefix}.experts.local_experts.{e}"
+            out[f"{expert}.linear_fc1.weight"] = _noisy(
+                torch.cat([gates[s], ups[s]]) * fc1_scale, spec, gen).contiguous()
+            out[f"{expert}.linear_fc2.weight"] = _noisy(
+                downs[s] * fc2_scale, spec, gen).contiguous()
+        out[f"{prefix}.router.weight"] = _router(moe.num_experts, src.hidden_size, spec,
+                                                 gen).to(gate.dtype)
+        layers[layer] = {"experts": {e: {"shard": e % g, "virtual_group": e // g}
+                                     for e in range(moe.num_experts)}}
+    record = {"granularity": g, "virtual_groups": moe.num_experts // g,
+              "activation_scale": activation_scale(moe, g),
+              "weight_scaling": {"mode": spec.weight_scaling, "fc1": fc1_scale, "fc2": fc2_scale},
+              "router": {"init": spec.router_init, "std": spec.router_std, "seed": spec.seed},
+              "noise": spec.noise, "moe_layers": layers}
+    return out, record
