@@ -6,6 +6,8 @@ built). The model knows nothing of data, optimizers or checkpoints.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from engine.config.recipe import Recipe
@@ -90,9 +92,36 @@ def transformer_config(recipe: Recipe, layout: Layout, *, on_cpu: bool, extra: d
         cross_entropy_loss_fusion=False,
         **({"fp8": train.fp8, "fp8_recipe": train.fp8_recipe} if train.fp8 else {}),
         **recompute,
+        **moe_kwargs(m.moe, tp_with_sp=layout.tp if par.sequence_parallel else 1),
     )
     kwargs.update(extra or {})
     return TransformerConfig(**kwargs)
+
+
+def moe_kwargs(moe, *, tp_with_sp: int = 1) -> dict:
+    """`model.moe` in megatron-core's TransformerConfig names.
+
+    With sequence parallelism megatron-core 0.16.1 computes the load-balancing and z-losses on each
+    tensor-parallel rank's share of the tokens and, under per-token loss scaling, their gradients
+    come out 1/tp of the single-process ones (measured: tp=2 with coefficients x2 reproduces tp=1
+    to 1e-7). The coefficients are multiplied by tp here, so every layout optimizes the recipe's
+    objective."""
+    if moe is None:
+        return {}
+    z_loss = moe.z_loss_coeff * tp_with_sp if moe.z_loss_coeff is not None else None
+    return dict(
+        num_moe_experts=moe.num_experts, moe_router_topk=moe.topk,
+        moe_ffn_hidden_size=moe.ffn_hidden_size, moe_router_pre_softmax=moe.router_pre_softmax,
+        moe_router_score_function=moe.router_score_function,
+        moe_router_load_balancing_type=moe.load_balancing,
+        moe_aux_loss_coeff=moe.aux_loss_coeff * tp_with_sp,
+        moe_z_loss_coeff=z_loss, moe_expert_capacity_factor=moe.capacity_factor,
+        moe_token_dispatcher_type=moe.token_dispatcher, moe_layer_freq=moe.layer_freq,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=moe.shared_expert_gate, moe_grouped_gemm=moe.grouped_gemm,
+        # the router in fp32 whatever the model's precision: routing decisions are discrete
+        moe_router_dtype="fp32",
+    )
 
 
 def _check_rope_scaling(scaling) -> None:
@@ -120,24 +149,33 @@ def build_model(recipe: Recipe, tc, *, vocab_size: int, spec: str) -> list[torch
     scaling = m.rotary_scaling
     if scaling is not None:
         _check_rope_scaling(scaling)
+    fused = m.fused_kernels and spec == "local"
+    model_class, building = GPTModel, contextlib.nullcontext()
+    if fused:
+        from engine.kernels.modules import FusedLossGPTModel, quiet_mlp_type_warning
+
+        building = quiet_mlp_type_warning()
+        if tc.tensor_model_parallel_size == 1:  # vocab-parallel CE (TP > 1) stays megatron's
+            model_class = FusedLossGPTModel
     chunks = []
-    for vp_stage in range(tc.virtual_pipeline_model_parallel_size or 1):
-        vp = vp_stage if tc.virtual_pipeline_model_parallel_size else None
-        chunks.append(
-            GPTModel(
-                config=tc,
-                transformer_layer_spec=decoder_block_spec(tc, spec, vp),
-                vocab_size=vocab_size,
-                max_sequence_length=m.max_position_embeddings,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
-                position_embedding_type=family.position_embedding_type,
-                rotary_percent=m.rotary_percent,
-                rotary_base=m.rotary_base,
-                rope_scaling=scaling is not None,
-                rope_scaling_factor=scaling.factor if scaling is not None else 8.0,
-                vp_stage=vp,
+    with building:  # the fused MLP subclass would log megatron's "Unknown MLP type" per layer
+        for vp_stage in range(tc.virtual_pipeline_model_parallel_size or 1):
+            vp = vp_stage if tc.virtual_pipeline_model_parallel_size else None
+            chunks.append(
+                model_class(
+                    config=tc,
+                    transformer_layer_spec=decoder_block_spec(tc, spec, vp, fused=fused),
+                    vocab_size=vocab_size,
+                    max_sequence_length=m.max_position_embeddings,
+                    pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                    share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
+                    position_embedding_type=family.position_embedding_type,
+                    rotary_percent=m.rotary_percent,
+                    rotary_base=m.rotary_base,
+                    rope_scaling=scaling is not None,
+                    rope_scaling_factor=scaling.factor if scaling is not None else 8.0,
+                    vp_stage=vp,
+                )
             )
-        )
     return chunks

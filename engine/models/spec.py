@@ -4,6 +4,10 @@ Both come from megatron-core's own spec builders (so MoE layer patterns and chec
 stay theirs); the local spec gets one leaf swapped: its norms become
 `engine.kernels.rmsnorm.RMSNorm`, which supports sequence parallelism. Checkpoint keys are
 identical for both specs.
+
+With `fused=True` (recipe `model.fused_kernels`) the local spec's leaves become the fused-kernel
+subclasses of `engine.kernels` (RMSNorm, SwiGLU MLP, RoPE self-attention, SDPA core attention):
+same parameters and keys, the csrc kernels where built. The TE spec has its own fused layers.
 """
 
 import copy
@@ -39,27 +43,45 @@ def resolve_spec(requested: str, *, fp8: str | None = None) -> str:
     return spec
 
 
-def _swap_leaves(node, old: tuple[type, ...], new: type):
-    """Replace module classes in a ModuleSpec tree (specs are dataclasses of specs and types)."""
+def _swap_leaves(node, old: tuple[type, ...], new: type, *, exact: bool = False):
+    """Replace module classes in a ModuleSpec tree (specs are dataclasses of specs and types);
+    `exact` replaces only the classes themselves, not their subclasses."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     if isinstance(node, type):
-        return new if issubclass(node, old) else node
+        return new if (node in old if exact else issubclass(node, old)) else node
     if isinstance(node, ModuleSpec):
-        node.module = _swap_leaves(node.module, old, new)
-        node.submodules = _swap_leaves(node.submodules, old, new)
+        node.module = _swap_leaves(node.module, old, new, exact=exact)
+        node.submodules = _swap_leaves(node.submodules, old, new, exact=exact)
         return node
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         for f in dataclasses.fields(node):
-            setattr(node, f.name, _swap_leaves(getattr(node, f.name), old, new))
+            setattr(node, f.name, _swap_leaves(getattr(node, f.name), old, new, exact=exact))
         return node
     if isinstance(node, list):
-        return [_swap_leaves(n, old, new) for n in node]
+        return [_swap_leaves(n, old, new, exact=exact) for n in node]
     return node
 
 
-def decoder_block_spec(config, spec: str, vp_stage: int | None = None):
-    """The `TransformerBlockSubmodules` for this pipeline rank (and virtual stage)."""
+def _fused_leaves(block):
+    """The local spec with megatron's leaves replaced by the fused-kernel subclasses (exact
+    classes only: e.g. MoE's SharedExpertMLP, an MLP subclass, keeps its own forward)."""
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.mlp import MLP
+
+    from engine.kernels.modules import FusedMLP, FusedRopeSelfAttention, SdpaAttention
+    from engine.kernels.rmsnorm import FusedRMSNorm
+
+    for old, new in ((RMSNorm, FusedRMSNorm), (MLP, FusedMLP),
+                     (SelfAttention, FusedRopeSelfAttention), (DotProductAttention, SdpaAttention)):
+        block = _swap_leaves(block, (old,), new, exact=True)
+    return block
+
+
+def decoder_block_spec(config, spec: str, vp_stage: int | None = None, *, fused: bool = False):
+    """The `TransformerBlockSubmodules` for this pipeline rank (and virtual stage); `fused` puts
+    the fused-kernel modules into the local spec."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
@@ -79,5 +101,5 @@ def decoder_block_spec(config, spec: str, vp_stage: int | None = None):
     except ImportError:
         pass
     # WrappedTorchNorm is a factory (__new__ returns torch.nn.RMSNorm), so match it by identity.
-    block = copy.deepcopy(block)
-    return _swap_leaves(block, local_norms, RMSNorm)
+    block = _swap_leaves(copy.deepcopy(block), local_norms, RMSNorm)
+    return _fused_leaves(block) if fused else block

@@ -1,0 +1,170 @@
+"""`engine bench train`: real training steps of a recipe, timed, as one `BenchRow`.
+
+The engine itself runs through the same session and `train_step` as `engine train` (so every
+parallel layout works, under torchrun too); the baselines of `engine bench compare` run the same
+recipe's shape in `engine.bench.baselines`. All share `time_steps` and `make_row`.
+
+A bench run changes the recipe only where timing needs it (`bench_recipe`): steps = warm-up +
+timed steps, a constant learning rate, no evaluation, no checkpoints, synthetic tokens unless the
+recipe's data is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from engine.bench.peak import Peak, device_peak
+from engine.bench.row import BenchRow, model_name, throughput
+from engine.config.recipe import CheckpointConfig, LoggingConfig, Recipe, ScheduleConfig
+from engine.models.params import count_parameters
+from engine.train.flops import flops_per_token
+
+
+def bench_recipe(recipe: Recipe, *, steps: int, warmup: int, data: str = "synthetic") -> Recipe:
+    """`recipe` made into a benchmark: data 'synthetic' (random tokens) or 'recipe' (its blend)."""
+    r = recipe
+    synthetic = data == "synthetic"
+    tokenizer = r.tokenizer
+    if synthetic and r.model.vocab_size is not None:
+        tokenizer = dataclasses.replace(tokenizer, type="none", path=None)  # vocab is known
+    return dataclasses.replace(
+        r,
+        data=dataclasses.replace(r.data, synthetic=synthetic, valid=()),
+        tokenizer=tokenizer,
+        train=dataclasses.replace(r.train, steps=warmup + steps, eval_interval=None,
+                                  exit_interval=None, schedule=ScheduleConfig(style="constant")),
+        checkpoint=CheckpointConfig(),
+        logging=LoggingConfig(log_interval=max(1, warmup + steps), tensorboard_dir=None,
+                              level=r.logging.level),
+    )
+
+
+def time_steps(step: Callable[[int], float], *, steps: int, warmup: int,
+               progress: bool = True) -> tuple[list[float], list[float]]:
+    """Run `step(i)` (returning the loss) warmup + steps times: (timed seconds, timed losses)."""
+    times, losses = [], []
+    for i in range(warmup + steps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = step(i)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            times.append(elapsed)
+            losses.append(loss)
+        if progress:
+            kind = "warm-up" if i < warmup else "step"
+            print(f"  {kind} {i + 1}/{warmup + steps}: {elapsed:.3f} s, loss {loss:.4f}",
+                  file=sys.stderr, flush=True)
+    return times, losses
+
+
+def peak_memory_gib() -> tuple[float, str]:
+    """This process's peak memory: CUDA max allocated, else the max resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30, "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu process max RSS"
+
+
+def device_label() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'s' if n != 1 else ''})"
+
+
+def make_row(recipe: Recipe, *, system: str, vocab_size: int, layout: str, devices: int,
+             global_batch: int, micro_batch: int, steps: int, warmup: int, times: list[float],
+             losses: list[float], peak: Peak, memory: tuple[float, str], kernels: str) -> BenchRow:
+    m, seq = recipe.model, recipe.data.seq_length
+    params = count_parameters(m, vocab_size).total
+    return BenchRow(
+        system=system, model=model_name(m, vocab_size, params), layout=layout, devices=devices,
+        device=device_label(), precision=recipe.train.fp8 and "fp8" or recipe.train.precision,
+        global_batch=global_batch, micro_batch=micro_batch, seq_length=seq, steps=steps,
+        warmup=warmup,
+        **throughput(times, tokens_per_step=global_batch * seq, devices=devices,
+                     flops_per_token=flops_per_token(m, vocab_size, seq),
+                     flops_per_token_megatron=flops_per_token(m, vocab_size, seq,
+                                                              convention="megatron"),
+                     peak_tflops=peak.tflops),
+        peak_source=peak.source, peak_memory_gib=memory[0], memory_kind=memory[1],
+        loss_first=losses[0], loss_last=losses[-1], kernels=kernels)
+
+
+def _layout_name(layout, sequence_parallel: bool) -> str:
+    parts = [f"tp{layout.tp}", f"pp{layout.pp}", f"dp{layout.dp}"]
+    parts += [f"vpp{layout.vpp}"] if layout.vpp else []
+    parts += [f"{k}{getattr(layout, k)}" for k in ("cp", "ep") if getattr(layout, k) > 1]
+    return " ".join(parts + (["sp"] if sequence_parallel else []))
+
+
+def kernels_label(recipe: Recipe, spec: str, device_type: str) -> str:
+    from engine.kernels import ops
+
+    if not recipe.model.fused_kernels or spec != "local":
+        return "off"
+    return "csrc" if ops.has_kernel("rms_norm_fwd", device_type) else "reference"
+
+
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64,
+                     device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _mean_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64,
+                     device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / torch.distributed.get_world_size()
+
+
+def run_engine(recipe: Recipe, *, steps: int, warmup: int, peak: Peak | None = None) -> BenchRow:
+    """Time `recipe` (already a `bench_recipe`) on this rank's part of the layout; every rank
+    returns the same row. Peak: measured by every rank at once (CPU) and averaged, unless given."""
+    from engine.models.spec import resolve_spec
+    from engine.train.distributed import destroy_parallel_state, init_distributed
+    from engine.train.session import build_session
+    from engine.train.step import train_step
+
+    runtime = init_distributed(recipe)
+    try:
+        session = build_session(recipe, runtime)
+        layout, seq = runtime.layout, recipe.data.seq_length
+        if peak is None:
+            torch.distributed.barrier()
+            own = device_peak(recipe.train.fp8 and "fp8" or recipe.train.precision)
+            tflops = _mean_over_ranks(own.tflops) if own.tflops is not None else None
+            peak = Peak(tflops, own.source + (f", mean of {layout.world_size} processes"
+                                              if layout.world_size > 1 else ""))
+
+        def step(i: int) -> float:
+            batches = session.plan.microbatches(session.train_data, i * layout.global_batch_size)
+            out = train_step(session.chunks, session.optimizer, batches, lr=recipe.optim.lr,
+                             seq_length=seq, micro_batch_size=layout.micro_batch_size)
+            return out.loss
+
+        times, losses = time_steps(step, steps=steps, warmup=warmup,
+                                   progress=runtime.is_main)
+        memory, kind = peak_memory_gib()
+        spec = resolve_spec(recipe.model.spec, fp8=recipe.train.fp8)
+        return make_row(
+            recipe, system="engine", vocab_size=session.vocab_size,
+            layout=_layout_name(layout, recipe.parallel.sequence_parallel),
+            devices=layout.world_size, global_batch=layout.global_batch_size,
+            micro_batch=layout.micro_batch_size, steps=steps, warmup=warmup,
+            times=[_max_over_ranks(t) for t in times], losses=losses, peak=peak,
+            memory=(_max_over_ranks(memory), kind),
+            kernels=kernels_label(recipe, spec, runtime.device.type))
+    finally:
+        destroy_parallel_state()
