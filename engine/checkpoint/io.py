@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,9 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class TrainState:
-    """Where training stands; stored in the checkpoint's common state and as train_state.json."""
+    """Where training stands; stored in the checkpoint's common state and as train_state.json
+    (plain JSON types only). Counts are of this stage: a run started from checkpoint.pretrained
+    starts at zero and lists the stages before it in `earlier_stages`."""
 
     step: int
     """Optimizer steps done."""
@@ -45,7 +47,18 @@ class TrainState:
     consumed_tokens: int
     """Loss tokens consumed."""
     schedule: dict
-    """The LR schedule's arguments when this state was saved (detects silent changes on resume)."""
+    """The LR schedule's arguments by recipe key (engine.train.schedule.schedule_args), checked
+    on resume so that they never change silently."""
+    source_tokens: dict = field(default_factory=dict)
+    """Tokens read per training source name (samples x seq_length; data.blend and
+    data.replay.blend names)."""
+    decay_file_step: int | None = None
+    """The step at which train.schedule.decay_file appeared and the wsd decay began; None = not."""
+    stage: str | None = None
+    """logging.stage of the run that saved this state."""
+    earlier_stages: list = field(default_factory=list)
+    """The stages before this one, oldest first, carried over checkpoint.pretrained: each
+    {"stage", "steps", "tokens", "source_tokens"}."""
 
 
 def _iter_dir(root: Path, step: int) -> Path:
@@ -85,6 +98,22 @@ def read_train_state(ckpt: Path) -> TrainState:
         return TrainState(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable train state ({e})") from None
+
+
+def completed_stages(ckpt: Path) -> list[dict]:
+    """The training stages the weights of `ckpt` went through, oldest first: its TrainState's
+    earlier_stages, then its own stage when it trained (an imported or upcycled step-0 checkpoint
+    adds none; pass its source's list as its earlier_stages to keep the history). A run started
+    from `ckpt` as checkpoint.pretrained takes this as its earlier_stages."""
+    if not (ckpt / "train_state.json").is_file():
+        return []  # written by another tool
+    state = read_train_state(ckpt)
+    stages = list(state.earlier_stages)
+    if state.step > 0:
+        tokens = sum(state.source_tokens.values()) or state.consumed_tokens
+        stages.append({"stage": state.stage, "steps": state.step, "tokens": tokens,
+                       "source_tokens": dict(state.source_tokens)})
+    return stages
 
 
 def _rng_object(layout_shape, layout_offset, replica_id=0):
@@ -128,6 +157,7 @@ class SavedLayout:
     distributed_optimizer: bool
     optim_sharding: str
     """megatron-core's `distrib_optim_sharding_type` of the optimizer state."""
+    ep: int = 1
     padded_vocab_size: int | None = None
     """Rows of the embedding. megatron pads the vocabulary to a multiple of
     make_vocab_size_divisible_by x tp, so a model loading this checkpoint at another tp must
@@ -137,6 +167,11 @@ class SavedLayout:
         # fully_reshardable gathers each parameter's state on DP rank 0: megatron's default path
         # moves the buffers with `.cuda()`, its memory-efficient path gathers over gloo (same
         # files either way), which is the one that exists without CUDA.
+        # The sharding type only for the distributed optimizer: megatron prefixes a chained
+        # (dense + expert) optimizer's keys whenever a non-reshardable type is named, which would
+        # tie a regular optimizer's state to its expert-parallel layout.
+        if not self.distributed_optimizer:
+            return {"chained_optim_avoid_prefix": True}
         return {"distrib_optim_sharding_type": self.optim_sharding,
                 "chained_optim_avoid_prefix": True,
                 "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
@@ -150,6 +185,7 @@ def current_layout(*, distributed_optimizer: bool, optim_sharding: str,
         tp=ps.get_tensor_model_parallel_world_size(),
         pp=ps.get_pipeline_model_parallel_world_size(),
         dp=ps.get_data_parallel_world_size(),
+        ep=ps.get_expert_model_parallel_world_size(),
         distributed_optimizer=distributed_optimizer,
         optim_sharding=optim_sharding,
         padded_vocab_size=padded_vocab_size,
@@ -168,21 +204,30 @@ def read_saved_layout(ckpt: Path) -> SavedLayout | None:
 
 def _check_optimizer_compatible(ckpt: Path, saved: SavedLayout | None, now: SavedLayout) -> None:
     """Refuse, in one line, optimizer state that megatron-core cannot reshard to this layout."""
-    if saved is None or not (saved.distributed_optimizer or now.distributed_optimizer):
-        return  # the regular optimizer's state is sharded like the model: any layout loads
+    if saved is None:
+        return
     hint = "set checkpoint.load_optim=false to resume the weights with a fresh optimizer"
+    if (saved.ep > 1) != (now.ep > 1):
+        # expert weights get their own optimizer only with expert parallelism: the saved
+        # optimizer is one chained pair, the new one a single optimizer, or the reverse
+        raise CheckpointError(f"{ckpt}: optimizer state saved at ep={saved.ep} cannot load at "
+                              f"ep={now.ep} (megatron-core keeps expert parameters in a separate "
+                              f"optimizer only when ep > 1); {hint}")
+    if not (saved.distributed_optimizer or now.distributed_optimizer):
+        return  # the regular optimizer's state is sharded like the model: any layout loads
     if saved.distributed_optimizer != now.distributed_optimizer:
         raise CheckpointError(
             f"{ckpt}: optimizer state saved with parallel.distributed_optimizer="
             f"{str(saved.distributed_optimizer).lower()}, resuming with "
             f"{str(now.distributed_optimizer).lower()}; {hint}"
         )
-    if saved.optim_sharding == "dp_reshardable" and (saved.tp, saved.pp) != (now.tp, now.pp):
+    if saved.optim_sharding == "dp_reshardable" and \
+            (saved.tp, saved.pp, saved.ep) != (now.tp, now.pp, now.ep):
         raise CheckpointError(
             f"{ckpt}: distributed optimizer state saved as dp_reshardable at tp={saved.tp} "
-            f"pp={saved.pp} cannot load at tp={now.tp} pp={now.pp} (only the data-parallel size "
-            f"may change); {hint}, or save with checkpoint.optim_sharding=fully_reshardable"
-        )
+            f"pp={saved.pp} ep={saved.ep} cannot load at tp={now.tp} pp={now.pp} ep={now.ep} "
+            f"(only the data-parallel size may change); {hint}, or save with "
+            "checkpoint.optim_sharding=fully_reshardable")
 
 
 def _model_sharded(chunks) -> dict:

@@ -9,6 +9,7 @@ take ints, floats and numeric strings, because PyYAML follows YAML 1.1, where `3
 of mappings; `data.valid` takes a mapping `name: path`. A section written as null is empty.
 """
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -221,8 +222,8 @@ def _build(ctx: _Context, cls: type, data: Mapping, prefix: str = "") -> object:
 
 # --- overrides -----------------------------------------------------------------------------------
 
-def _apply_override(ctx: _Context, data: dict, text: str) -> None:
-    """Set `a.b.c=value` in the nested dict `data`, the value parsed as YAML."""
+def _parse_override(text: str) -> tuple[str, object]:
+    """`a.b.c=value` -> ("a.b.c", value parsed as YAML)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -232,6 +233,33 @@ def _apply_override(ctx: _Context, data: dict, text: str) -> None:
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or type(e).__name__
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None
+    return key, value
+
+
+def _apply_override(ctx: _Context, data: dict, text: str) -> None:
+    """Set `a.b.c=value` in the nested dict `data`, the value parsed as YAML."""
+    key, value = _parse_override(text)
+    _set(ctx, data, key, value, text)
+
+
+def _flatten(values: Mapping, cls: typing.Any = Recipe, prefix: str = "") -> list[tuple]:
+    """{"train": {"steps": 5}, "optim.lr": 1e-3} -> [("train.steps", 5), ("optim.lr", 1e-3)]:
+    a mapping given for a section sets its keys one by one instead of replacing the section."""
+    out = []
+    for raw, value in values.items():
+        key = f"{prefix}{raw}"
+        node: typing.Any = cls
+        for part in str(raw).split("."):
+            hint = _hints(node).get(part) if dataclasses.is_dataclass(node) else None
+            node = (_optional_inner(hint) or hint) if hint is not None else None
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(node):
+            out += _flatten(value, node, key + ".")
+        else:
+            out.append((key, value))
+    return out
+
+
+def _set(ctx: _Context, data: dict, key: str, value: object, text: str) -> None:
     ctx.origins[key] = text
     cls: typing.Any = Recipe
     node = data
@@ -310,6 +338,23 @@ def load_recipe(path: str | Path | Sequence[str | Path], overrides: Sequence[str
     for text in overrides:
         _apply_override(ctx, data, text)
     return _from_dict(ctx, data)
+
+
+def apply_overrides(data: Mapping, overrides: Sequence[str] | Mapping,
+                    source: str = "<overrides>") -> dict:
+    """A copy of nested recipe data with overrides applied, keys checked against the schema:
+    `key=value` strings (values parsed as YAML), or a mapping of dotted keys to values in which
+    a mapping given for a section sets that section's keys one by one. Build it with
+    `recipe_from_dict`."""
+    data = copy.deepcopy(dict(data))
+    ctx = _Context(source)
+    if isinstance(overrides, Mapping):
+        for key, value in _flatten(overrides):
+            _set(ctx, data, key, value, f"{key}: {value!r}")
+    else:
+        for text in overrides:
+            _apply_override(ctx, data, text)
+    return data
 
 
 def recipe_from_dict(d: Mapping, source: str = "<dict>") -> Recipe:

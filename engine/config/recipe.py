@@ -67,6 +67,62 @@ class RopeScaling:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class MoEConfig:
+    """Key `model.moe`: mixture-of-experts MLPs (megatron-core's MoE layer; names shortened from
+    its `moe_*` TransformerConfig fields). Absent = a dense model."""
+
+    num_experts: int
+    """Experts per MoE layer (megatron num_moe_experts)."""
+    topk: int = 2
+    """Experts each token is routed to (moe_router_topk)."""
+    ffn_hidden_size: int | None = None
+    """Inner width of one expert; null = model.ffn_hidden_size (fine-grained experts: smaller)."""
+    router_pre_softmax: bool = False
+    """true: softmax over all experts, then top-k (Qwen2-MoE without renormalization);
+    false: top-k, then softmax over the chosen (Mixtral): the weights of a token sum to 1."""
+    router_score_function: str = "softmax"
+    """softmax|sigmoid."""
+    load_balancing: str = "aux_loss"
+    """aux_loss (Switch Transformer, per global batch)|seq_aux_loss (per sequence)|none."""
+    aux_loss_coeff: float = 0.0
+    """Load-balancing loss coefficient (AquilaMoE used 0.001)."""
+    z_loss_coeff: float | None = None
+    """Router z-loss coefficient (ST-MoE, Zoph et al. 2022; AquilaMoE used 0.01); null = off."""
+    capacity_factor: float | None = None
+    """Tokens an expert takes, as a multiple of its fair share; extra tokens are dropped;
+    null = dropless."""
+    token_dispatcher: str = "allgather"
+    """allgather|alltoall: how tokens reach experts on other expert-parallel ranks."""
+    layer_freq: int = 1
+    """Layer i is MoE when i % layer_freq == 0 (1 = every layer)."""
+    shared_expert_ffn_hidden_size: int | None = None
+    """Width of an always-on shared expert (Qwen2-MoE); null = none."""
+    shared_expert_gate: bool = False
+    """Scale the shared expert by sigmoid(gate(x)) (Qwen2-MoE's shared_expert_gate)."""
+    grouped_gemm: bool = False
+    """One grouped GEMM for all local experts (TE, GPU); false = one GEMM per expert."""
+
+    def __post_init__(self):
+        p = "model.moe"
+        _at_least(f"{p}.num_experts", self.num_experts, 1)
+        _at_least(f"{p}.topk", self.topk, 1)
+        _at_least(f"{p}.ffn_hidden_size", self.ffn_hidden_size, 1)
+        _at_least(f"{p}.layer_freq", self.layer_freq, 1)
+        _at_least(f"{p}.shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size, 1)
+        if self.topk > self.num_experts:
+            raise ConfigError(f"{p}.topk={self.topk} exceeds {p}.num_experts={self.num_experts}")
+        _one_of(f"{p}.router_score_function", self.router_score_function, ("softmax", "sigmoid"))
+        _one_of(f"{p}.load_balancing", self.load_balancing, ("aux_loss", "seq_aux_loss", "none"))
+        _one_of(f"{p}.token_dispatcher", self.token_dispatcher, ("allgather", "alltoall"))
+        if self.aux_loss_coeff < 0 or (self.z_loss_coeff or 0) < 0:
+            raise ConfigError(f"{p}: loss coefficients must be >= 0")
+        if self.capacity_factor is not None:
+            _positive_float(f"{p}.capacity_factor", self.capacity_factor)
+        if self.shared_expert_gate and self.shared_expert_ffn_hidden_size is None:
+            raise ConfigError(f"{p}.shared_expert_gate needs {p}.shared_expert_ffn_hidden_size")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     """Key `model`: the decoder's shape, in megatron-core `TransformerConfig`/`GPTModel` names."""
 
@@ -112,9 +168,16 @@ class ModelConfig:
     """Dropout on the residual branches, in [0, 1)."""
     attention_dropout: float = 0.0
     """Dropout on the attention probabilities, in [0, 1)."""
+    moe: MoEConfig | None = None
+    """Mixture-of-experts MLPs; null = dense."""
     spec: str = "auto"
     """Layer spec: auto|local|te; auto = te when transformer-engine imports and CUDA is present,
     else local."""
+    fused_kernels: bool = True
+    """Local spec only: use the engine's fused kernels (csrc/: RMSNorm, SwiGLU, RoPE, and at
+    parallel.tp=1 the chunked linear cross-entropy) and torch's scaled_dot_product_attention for
+    core attention; where engine/_C is not built their PyTorch references run (said once).
+    false = megatron-core's local layers as they are. The TE spec has its own fused layers."""
 
     def __post_init__(self):
         p = "model"
@@ -197,12 +260,41 @@ class ParallelConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BlendEntry:
-    """One weighted dataset of `data.blend`, YAML `{path, weight}`; DataConfig checks it."""
+    """One weighted dataset of `data.blend` (or `data.replay.blend`), YAML `{path, weight, name}`;
+    DataConfig checks it."""
 
     path: str
     """Path prefix of a megatron IndexedDataset (the `.bin`/`.idx` pair without extension)."""
     weight: float = 1.0
     """Relative sampling weight; finite and > 0 (weights are normalized over the blend)."""
+    name: str | None = None
+    """The source's name in token accounting (TensorBoard `tokens/source/<name>`,
+    `tokens/fraction/<name>`, checkpoints); null = the last component of `path`. Names are
+    unique over data.blend and data.replay.blend."""
+
+
+def source_name(entry: BlendEntry) -> str:
+    """The name `entry` is counted under: its `name`, else the last component of its path."""
+    return entry.name or entry.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReplayConfig:
+    """Key `data.replay`: general (pretraining-like) data mixed into every global batch of a
+    continual-pretraining run, against forgetting (Ibrahim et al. 2024, arXiv 2403.08763 §5).
+
+    Each global batch of G samples holds exactly round(fraction x G) replay samples (halves up),
+    spread evenly over its positions, so its content does not depend on TP/PP/DP; the replay
+    samples come from this blend, the others from data.blend."""
+
+    blend: tuple[BlendEntry, ...]
+    """The replay datasets, a list of `{path, weight, name}` like data.blend."""
+    fraction: float
+    """Share of every global batch's samples taken from the replay blend, in (0, 1)."""
+
+    def samples_per_batch(self, global_batch_size: int) -> int:
+        """round(fraction x global_batch_size), halves up: the replay samples of every batch."""
+        return math.floor(self.fraction * global_batch_size + 0.5)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -231,6 +323,8 @@ class DataConfig:
     """Where dataset index caches go; null = next to the data (megatron's default)."""
     synthetic: bool = False
     """Train on random tokens (benchmarks, smoke tests); the blend is then ignored."""
+    replay: ReplayConfig | None = None
+    """Replay of general data in every global batch, `{blend, fraction}`; null = none."""
 
     def __post_init__(self):
         p = "data"
@@ -239,13 +333,22 @@ class DataConfig:
                 f"{p}.blend: expected at least one {{path, weight}} entry "
                 f"(or {p}.synthetic: true), got []"
             )
-        for i, entry in enumerate(self.blend):
-            if not entry.path:
-                raise ConfigError(f"{p}.blend[{i}].path: expected a path prefix, got ''")
-            if not (math.isfinite(entry.weight) and entry.weight > 0.0):
-                raise ConfigError(
-                    f"{p}.blend[{i}].weight: expected a finite number > 0, got {entry.weight}"
-                )
+        _check_blend(f"{p}.blend", self.blend)
+        if self.replay is not None:
+            if self.synthetic:
+                raise ConfigError(f"{p}.replay needs real data, but {p}.synthetic is true")
+            if not self.replay.blend:
+                raise ConfigError(f"{p}.replay.blend: expected at least one {{path, weight}} "
+                                  "entry, got []")
+            _check_blend(f"{p}.replay.blend", self.replay.blend)
+            _fraction(f"{p}.replay.fraction", self.replay.fraction, open_low=True)
+        seen: dict[str, str] = {}
+        for key, entry in _sources(self):
+            name = source_name(entry)
+            if name in seen:
+                raise ConfigError(f"{key}: source name {name!r} is also {seen[name]}'s; "
+                                  f"give one of them a distinct `name`")
+            seen[name] = key
         names = [v.name for v in self.valid]
         for v in self.valid:
             if names.count(v.name) > 1:
@@ -254,6 +357,33 @@ class DataConfig:
                 raise ConfigError(f"{p}.valid.{v.name}: expected a path prefix, got ''")
         _at_least(f"{p}.seq_length", self.seq_length, 1)
         _at_least(f"{p}.num_workers", self.num_workers, 0)
+
+
+def _check_blend(key: str, blend: tuple[BlendEntry, ...]) -> None:
+    for i, entry in enumerate(blend):
+        if not entry.path:
+            raise ConfigError(f"{key}[{i}].path: expected a path prefix, got ''")
+        if not (math.isfinite(entry.weight) and entry.weight > 0.0):
+            raise ConfigError(
+                f"{key}[{i}].weight: expected a finite number > 0, got {entry.weight}")
+        if entry.name is not None and not entry.name:
+            raise ConfigError(f"{key}[{i}].name: expected a name or null, got ''")
+
+
+def _sources(data: DataConfig) -> list[tuple[str, BlendEntry]]:
+    """(recipe key, entry) of every training source: data.blend, then data.replay.blend."""
+    out = [(f"data.blend[{i}]", e) for i, e in enumerate(data.blend)]
+    if data.replay is not None:
+        out += [(f"data.replay.blend[{i}]", e) for i, e in enumerate(data.replay.blend)]
+    return out
+
+
+def source_names(data: DataConfig) -> tuple[str, ...]:
+    """The training sources' names in token-accounting order: data.blend, then the replay blend
+    (data.synthetic: the one source `synthetic`)."""
+    if data.synthetic:
+        return ("synthetic",)
+    return tuple(source_name(e) for _, e in _sources(data))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -273,20 +403,42 @@ class TokenizerConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ScheduleConfig:
-    """Key `train.schedule`: the learning-rate schedule, a multiplier of optim.lr per step."""
+    """Key `train.schedule`: the learning rate of each optimizer step (engine.train.schedule).
+
+    Steps count from the start of the stage: a run started from checkpoint.pretrained starts its
+    schedule at step 0. Re-warming for continual pretraining (Gupta et al. 2023, arXiv
+    2308.04014) is warmup_init_lr -> optim.lr over warmup_steps, then any decay; the infinite
+    schedule of Ibrahim et al. 2024 (arXiv 2403.08763 §7.3) is wsd with cooldown_steps and
+    constant_lr; a constant learning rate with a cooldown at the end (Hägele et al. 2024, arXiv
+    2405.18392) is plain wsd."""
 
     style: str = "cosine"
     """constant|linear|cosine|wsd (warmup-stable-decay, MiniCPM arXiv 2404.06395)."""
     warmup_steps: int = 0
     """Linear warmup length, in optimizer steps."""
     warmup_init_lr: float = 0.0
-    """Learning rate at step 0, where the warmup starts."""
+    """Learning rate at step 0, where the warmup starts (re-warming: the previous stage's last
+    learning rate)."""
     min_lr: float = 0.0
     """Learning rate at the end of the decay (and after it); at most optim.lr."""
     decay_steps: int | None = None
-    """Length of the linear/cosine decay after warmup; null = train.steps - warmup_steps."""
+    """linear/cosine: length of the decay after warmup; null = train.steps - warmup_steps."""
     wsd_decay_steps: int | None = None
-    """wsd only: length of the final decay to min_lr; null = 10% of train.steps (as MiniCPM)."""
+    """wsd only: length of the linear decay to min_lr; null = 10% of train.steps (as MiniCPM)."""
+    cooldown_steps: int = 0
+    """wsd only: after warmup, a cosine step down from optim.lr to constant_lr over this many
+    steps (the "cooldown" of Ibrahim et al.'s infinite schedule); 0 = none."""
+    constant_lr: float | None = None
+    """wsd only: learning rate of the stable phase, reached after cooldown_steps; null = optim.lr.
+    Set together with cooldown_steps."""
+    decay_start: int | None = None
+    """wsd only: start the decay at this step, if that is earlier than
+    train.steps - wsd_decay_steps; the run then ends when the decay does. null = no fixed start."""
+    decay_file: str | None = None
+    """wsd only: start the decay at the step when this file appears (checked before every step;
+    touch it to end an open-ended run); the start is saved in checkpoints, so a resumed run
+    continues the decay, and the run ends when the decay does. A file left from an earlier stage
+    starts the decay right after warmup (a warning says so). null = no file."""
 
     def __post_init__(self):
         p = "train.schedule"
@@ -296,9 +448,26 @@ class ScheduleConfig:
         _at_least(f"{p}.min_lr", self.min_lr, 0.0)
         _at_least(f"{p}.decay_steps", self.decay_steps, 1)
         _at_least(f"{p}.wsd_decay_steps", self.wsd_decay_steps, 1)
-        if self.wsd_decay_steps is not None and self.style != "wsd":
+        _at_least(f"{p}.cooldown_steps", self.cooldown_steps, 0)
+        _at_least(f"{p}.constant_lr", self.constant_lr, 0.0)
+        _at_least(f"{p}.decay_start", self.decay_start, 0)
+        for name in ("wsd_decay_steps", "cooldown_steps", "constant_lr", "decay_start",
+                     "decay_file"):
+            if getattr(self, name) not in (None, 0) and self.style != "wsd":
+                raise ConfigError(
+                    f"{p}.{name} is set but {p}.style is {self.style!r}, not 'wsd'")
+        if (self.cooldown_steps > 0) != (self.constant_lr is not None):
             raise ConfigError(
-                f"{p}.wsd_decay_steps is set but {p}.style is {self.style!r}, not 'wsd'")
+                f"{p}.cooldown_steps={self.cooldown_steps} and {p}.constant_lr="
+                f"{self.constant_lr} go together (a cooldown to a constant learning rate)")
+        if self.constant_lr is not None and self.constant_lr < self.min_lr:
+            raise ConfigError(
+                f"{p}.constant_lr={self.constant_lr} is below {p}.min_lr={self.min_lr}")
+        if (self.decay_start is not None or self.decay_file) and self.wsd_decay_steps is None:
+            raise ConfigError(f"{p}.decay_start/decay_file need {p}.wsd_decay_steps (the decay's "
+                              "length when it starts on demand)")
+        if self.decay_file == "":
+            raise ConfigError(f"{p}.decay_file: expected a path or null, got ''")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -324,6 +493,18 @@ class TrainConfig:
     """Evaluate on data.valid every this many steps; null = no evaluation."""
     eval_steps: int = 10
     """Batches per validation set at each evaluation."""
+    eval_interval_early: int | None = None
+    """Also evaluate every this many steps during the first eval_early_steps steps of the stage
+    (forgetting and the stability gap right after a continual-pretraining stage starts; De Lange
+    et al. 2023, arXiv 2205.13452); a stage that starts at step 0 is then also evaluated before
+    its first step. null = only eval_interval."""
+    eval_early_steps: int | None = None
+    """How many steps from the stage's start eval_interval_early applies to."""
+    override_schedule: bool = False
+    """On resume, accept LR schedule arguments (train.schedule.*, optim.lr, and train.steps where
+    it moves the learning rate of steps already taken) that differ from the checkpoint's: the new
+    values apply from the resumed step on and the change is logged. false = such a resume stops
+    with an error naming the changed keys."""
     recompute: str = "none"
     """Activation recomputation: none|selective (core attention)|full (whole layers)."""
     recompute_num_layers: int = 1
@@ -338,7 +519,8 @@ class TrainConfig:
         p = "train"
         _at_least(f"{p}.steps", self.steps, 0)
         for name in ("micro_batch_size", "exit_interval", "global_batch_size", "eval_interval",
-                     "eval_steps", "recompute_num_layers"):
+                     "eval_steps", "recompute_num_layers", "eval_interval_early",
+                     "eval_early_steps"):
             _at_least(f"{p}.{name}", getattr(self, name), 1)
         _at_least(f"{p}.seed", self.seed, 0)
         _one_of(f"{p}.precision", self.precision, ("fp32", "bf16", "fp16"))
@@ -351,12 +533,28 @@ class TrainConfig:
             raise ConfigError(
                 f"{p}.schedule.warmup_steps={s.warmup_steps} exceeds {p}.steps={self.steps}"
             )
-        if s.wsd_decay_steps is not None and s.warmup_steps + s.wsd_decay_steps > self.steps:
+        if s.wsd_decay_steps is not None:
+            phases = {"warmup_steps": s.warmup_steps, "cooldown_steps": s.cooldown_steps,
+                      "wsd_decay_steps": s.wsd_decay_steps}
+            if not s.cooldown_steps:
+                del phases["cooldown_steps"]
+            if sum(phases.values()) > self.steps:
+                raise ConfigError(
+                    f"{p}.schedule.{'+'.join(phases)}={sum(phases.values())} exceeds "
+                    f"{p}.steps={self.steps} ("
+                    + ", ".join(f"{k}={v}" for k, v in phases.items()) + ")")
+        if s.decay_start is not None:
+            earliest, latest = s.warmup_steps + s.cooldown_steps, self.steps - s.wsd_decay_steps
+            if not earliest <= s.decay_start <= latest:
+                raise ConfigError(
+                    f"{p}.schedule.decay_start={s.decay_start}: expected a step in "
+                    f"[{earliest}, {latest}] (after warmup_steps+cooldown_steps, leaving "
+                    f"wsd_decay_steps={s.wsd_decay_steps} before {p}.steps={self.steps})")
+        if (self.eval_interval_early is None) != (self.eval_early_steps is None):
             raise ConfigError(
-                f"{p}.schedule.warmup_steps+wsd_decay_steps={s.warmup_steps + s.wsd_decay_steps} "
-                f"exceeds {p}.steps={self.steps} (warmup_steps={s.warmup_steps}, "
-                f"wsd_decay_steps={s.wsd_decay_steps})"
-            )
+                f"{p}.eval_interval_early={self.eval_interval_early} and {p}.eval_early_steps="
+                f"{self.eval_early_steps} go together (evaluate every eval_interval_early steps "
+                "during the first eval_early_steps)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -437,10 +635,20 @@ class LoggingConfig:
     """Directory for TensorBoard event files; null = no TensorBoard."""
     level: str = "info"
     """Python logging level of the engine's loggers: debug|info|warning|error."""
+    stage: str | None = None
+    """Name of this stage of a multi-stage run (pretrain, cpt-domain, ...): written to TensorBoard
+    (text `stage`) at the stage's step 0 and into checkpoints, where later stages started from
+    them (checkpoint.pretrained) list it among their earlier stages. null = unnamed."""
+    moe_collapse_intervals: int = 3
+    """Warn when an expert gets under 1/(4 x num_experts) of its layer's tokens for this many
+    consecutive log intervals (router collapse)."""
 
     def __post_init__(self):
         _at_least("logging.log_interval", self.log_interval, 1)
+        _at_least("logging.moe_collapse_intervals", self.moe_collapse_intervals, 1)
         _one_of("logging.level", self.level, ("debug", "info", "warning", "error"))
+        if self.stage == "":
+            raise ConfigError("logging.stage: expected a name or null, got ''")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

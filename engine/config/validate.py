@@ -89,6 +89,22 @@ def _check_model_split(recipe: Recipe) -> None:
         _require(model.num_layers % chunks == 0,
                  f"model.num_layers={model.num_layers} must be divisible by pp*vpp={chunks} "
                  f"(pp={par.pp}, vpp={par.vpp})")
+    _check_moe(recipe)
+
+
+def _check_moe(recipe: Recipe) -> None:
+    model, par = recipe.model, recipe.parallel
+    if model.moe is None:
+        _require(par.ep == 1, f"parallel.ep={par.ep} needs a mixture-of-experts model (model.moe)")
+        return
+    experts = model.moe.num_experts
+    _require(experts % par.ep == 0,
+             f"parallel.ep={par.ep} must divide model.moe.num_experts={experts}")
+    # megatron-core refuses MoE with tensor parallelism but without sequence parallelism
+    _require(par.tp == 1 or par.sequence_parallel,
+             f"model.moe with parallel.tp={par.tp} needs parallel.sequence_parallel=true")
+    ffn = model.moe.ffn_hidden_size or model.ffn_hidden_size
+    _require(ffn % par.tp == 0, f"parallel.tp={par.tp} must divide the expert width {ffn}")
 
 
 def _check_sequence(recipe: Recipe) -> None:
@@ -138,9 +154,26 @@ def _check_training(recipe: Recipe) -> None:
     train, optim, data = recipe.train, recipe.optim, recipe.data
     min_lr = train.schedule.min_lr
     _require(min_lr <= optim.lr, f"train.schedule.min_lr={min_lr} exceeds optim.lr={optim.lr}")
-    if train.eval_interval is not None:
-        _require(bool(data.valid) or data.synthetic,
-                 f"train.eval_interval={train.eval_interval} needs data.valid (none given)")
+    constant_lr = train.schedule.constant_lr
+    _require(constant_lr is None or constant_lr <= optim.lr,
+             f"train.schedule.constant_lr={constant_lr} exceeds optim.lr={optim.lr}")
+    for key in ("eval_interval", "eval_interval_early"):
+        value = getattr(train, key)
+        if value is not None:
+            _require(bool(data.valid) or data.synthetic,
+                     f"train.{key}={value} needs data.valid (none given)")
+
+
+def _check_replay(recipe: Recipe, global_batch_size: int) -> None:
+    """Every global batch must hold at least one replay sample and one domain sample."""
+    replay = recipe.data.replay
+    if replay is None:
+        return
+    per_batch = replay.samples_per_batch(global_batch_size)
+    _require(0 < per_batch < global_batch_size,
+             f"data.replay.fraction={replay.fraction} of train.global_batch_size="
+             f"{global_batch_size} rounds to {per_batch} replay samples per batch; expected 1.."
+             f"{global_batch_size - 1}")
 
 
 def validate(recipe: Recipe, world_size: int, *, source: str | None = None) -> Layout:
@@ -161,6 +194,7 @@ def _layout(recipe: Recipe, world_size: int) -> Layout:
     vocab = _check_vocab(recipe)
     gbs, num_microbatches = _num_microbatches(recipe, dp)
     _check_training(recipe)
+    _check_replay(recipe, gbs)
     par = recipe.parallel
     return Layout(world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp, cp=par.cp, ep=par.ep,
                   dp=dp, micro_batch_size=recipe.train.micro_batch_size, global_batch_size=gbs,

@@ -16,8 +16,10 @@ from engine.config.recipe import Recipe
 from engine.train.distributed import destroy_parallel_state, init_distributed
 from engine.train.flops import flops_per_token
 from engine.train.metrics import Metrics, TrainRecord
-from engine.train.schedule import lr_at
+from engine.train.schedule import end_step, lr_at, wsd_decay_start
 from engine.train.session import Session, build_session, checkpoint_layout
+from engine.train.signals import StopRequest, write_resume_file
+from engine.train.stage import TokenCounts, decay_file_appeared, stage_start_text
 from engine.train.step import eval_loss, train_step
 
 log = logging.getLogger(__name__)
@@ -30,9 +32,13 @@ class TrainResult:
     grad_norms: dict[int, float | None] = field(default_factory=dict)
     valid: dict[int, dict[str, float]] = field(default_factory=dict)
     """Validation losses per named set, by step."""
+    moe: dict = field(default_factory=dict)
+    """MoE reports (engine.train.moe_metrics.MoEReport) by log step."""
     final_step: int = 0
     checkpoint: Path | None = None
     """The last checkpoint saved by this run."""
+    stopped: str | None = None
+    """Why the run stopped before train.steps on request (engine.train.signals), else None."""
 
 
 def _recipe_yaml(recipe: Recipe) -> str:
@@ -77,76 +83,166 @@ def _record(session: Session, step: int, lr: float, grad_norm, losses: list[floa
     """The log line for an interval: mean loss, throughput from the steps' own time."""
     layout, recipe = session.runtime.layout, session.recipe
     per_step = sum(times) / len(times)
+    end = _end(session)
     return TrainRecord(
-        step=step, steps=recipe.train.steps, loss=sum(losses) / len(losses), lr=lr,
+        step=step, steps=end, loss=sum(losses) / len(losses), lr=lr,
         grad_norm=grad_norm,
         tokens_per_s=layout.global_batch_size * recipe.data.seq_length / per_step,
         tflops_per_device=flops_per_step / per_step / layout.world_size / 1e12,
-        eta_s=per_step * (recipe.train.steps - step))
+        eta_s=per_step * (end - step))
 
 
 def _due(step: int, interval: int | None) -> bool:
     return bool(interval) and step % interval == 0
 
 
-def run(session: Session) -> TrainResult:
+def _end(session: Session) -> int:
+    """train.steps, or earlier where a wsd decay started on demand ends."""
+    train = session.recipe.train
+    return end_step(train.schedule, train.steps, session.state.decay_file_step)
+
+
+def _eval_due(step: int, train, last: bool) -> bool:
+    """eval_interval, plus eval_interval_early during the stage's first eval_early_steps."""
+    early = train.eval_interval_early is not None and step <= train.eval_early_steps and \
+        step % train.eval_interval_early == 0
+    return early or _due(step, train.eval_interval) or \
+        (last and bool(train.eval_interval or train.eval_interval_early))
+
+
+def _start_decay_on_demand(session: Session) -> None:
+    """wsd with train.schedule.decay_file: the decay starts at this step once the file exists."""
+    s, state, steps = session.recipe.train.schedule, session.state, session.recipe.train.steps
+    if s.style != "wsd" or not s.decay_file or state.decay_file_step is not None or \
+            state.step >= wsd_decay_start(s, steps):
+        return
+    if decay_file_appeared(s.decay_file, session.runtime.device):
+        session.state = replace(state, decay_file_step=state.step)
+        start = wsd_decay_start(s, steps, state.step)
+        # at step 0 the file is more likely left over from an earlier stage than touched now
+        (log.warning if state.step == 0 else log.info)(
+            "%s exists at step %d: the wsd decay runs from step %d to step %d (train.schedule."
+            "decay_file)", s.decay_file, state.step, start, _end(session))
+
+
+def _add(counts: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    return {**counts, **{k: counts.get(k, 0) + v for k, v in more.items()}}
+
+
+def _advance(session: Session, loss_tokens: int) -> dict[str, int]:
+    """Count the step just taken into the state; returns the tokens it read per source."""
+    state, batch = session.state, session.runtime.layout.global_batch_size
+    samples = session.train_data.source_samples(state.consumed_samples, batch)
+    read = {name: n * session.recipe.data.seq_length for name, n in samples.items()}
+    session.state = replace(
+        state, step=state.step + 1, consumed_samples=state.consumed_samples + batch,
+        consumed_tokens=state.consumed_tokens + loss_tokens,
+        source_tokens=_add(state.source_tokens, read))
+    return read
+
+
+def _token_counts(session: Session, step: int, interval: dict[str, int]) -> TokenCounts:
+    state = session.state
+    return TokenCounts(step=step, interval=interval, stage=state.source_tokens,
+                       earlier=sum(s["tokens"] for s in state.earlier_stages))
+
+
+def _start_stage(session: Session, metrics: Metrics, result: TrainResult) -> None:
+    """Step 0 of a stage: the boundary marker, and with eval_interval_early the evaluation of the
+    starting weights (the baseline of the stability gap)."""
+    state = session.state
+    metrics.stage(0, stage_start_text(state, session.initialized_from),
+                  index=len(state.earlier_stages),
+                  show=bool(state.stage or session.initialized_from))
+    metrics.token_totals(_token_counts(session, 0, {}))
+    if session.valid_data and session.recipe.train.eval_interval_early:
+        result.valid[0] = _evaluate(session)
+        metrics.valid(0, result.valid[0])
+
+
+def run(session: Session, stop_request: StopRequest | None = None) -> TrainResult:
     recipe, layout = session.recipe, session.runtime.layout
     train, ck, seq = recipe.train, recipe.checkpoint, recipe.data.seq_length
+    # A resumed run's first step is state.step + 1: TensorBoard drops events at and beyond the
+    # purge step, and the checkpoint's own step was logged by the run that saved it.
     metrics = Metrics(recipe.logging.tensorboard_dir, enabled=session.runtime.is_main,
-                      purge_step=session.state.step or None)
+                      purge_step=session.state.step + 1 if session.state.step else None)
     flops_per_step = flops_per_token(recipe.model, session.vocab_size, seq) * \
         layout.global_batch_size * seq
     result = TrainResult(final_step=session.state.step)
     saved_step = session.state.step if session.resumed_from else None
-    losses, times = [], []
-    while session.state.step < train.steps:
+    if session.state.step == 0:
+        _start_stage(session, metrics, result)
+    losses, times, tokens = [], [], {}
+    while session.state.step < _end(session):
+        _start_decay_on_demand(session)
         state = session.state
         microbatches = session.plan.microbatches(session.train_data, state.consumed_samples)
-        lr = lr_at(state.step, train.schedule, peak_lr=recipe.optim.lr, total_steps=train.steps)
+        lr = lr_at(state.step, train.schedule, peak_lr=recipe.optim.lr, total_steps=train.steps,
+                   decay_file_step=state.decay_file_step)
         start = time.perf_counter()
         out = train_step(session.chunks, session.optimizer, microbatches, lr=lr, seq_length=seq,
                          micro_batch_size=layout.micro_batch_size)
         times.append(time.perf_counter() - start)
-        step = state.step + 1
-        session.state = replace(
-            state, step=step,
-            consumed_samples=state.consumed_samples + layout.global_batch_size,
-            consumed_tokens=state.consumed_tokens + out.tokens)
+        read = _advance(session, out.tokens)
+        step = session.state.step
         result.losses[step], result.grad_norms[step] = out.loss, out.grad_norm
         result.final_step = step
         losses.append(out.loss)
+        tokens = _add(tokens, read)
 
-        last = step == train.steps
+        last = step == _end(session)
         if _due(step, recipe.logging.log_interval) or last:
             metrics.train(_record(session, step, lr, out.grad_norm, losses, times,
                                   flops_per_step))
-            losses, times = [], []
-        if session.valid_data and (_due(step, train.eval_interval) or
-                                   (last and train.eval_interval)):
+            metrics.tokens(_token_counts(session, step, tokens))
+            if session.moe_monitor is not None:
+                result.moe[step] = session.moe_monitor.report(
+                    microbatches=layout.num_microbatches * len(times))
+                metrics.moe(step, result.moe[step])
+            losses, times, tokens = [], [], {}
+        if session.valid_data and _eval_due(step, train, last):
             result.valid[step] = _evaluate(session)
             metrics.valid(step, result.valid[step])
+            metrics.token_totals(_token_counts(session, step, {}))
         stop = _due(step, train.exit_interval)
-        if ck.save and (stop or last or _due(step, ck.save_interval)):
+        requested = not last and stop_request is not None and \
+            stop_request.agreed(session.runtime.device)  # all ranks stop after the same step
+        if ck.save and (stop or requested or last or _due(step, ck.save_interval)):
             _save(session, result)
             saved_step = step
         if stop:
             log.info("stopping at step %d (train.exit_interval=%d)", step, train.exit_interval)
             break
+        if requested:
+            result.stopped = stop_request.reason() or "requested on another rank"
+            log.info("stopping at step %d: %s%s", step, result.stopped,
+                     "" if ck.save else " (checkpoint.save is null: nothing to resume from)")
+            break
     if ck.save and saved_step != session.state.step:  # e.g. train.steps=0: the initial weights
         _save(session, result)
     metrics.close()
+    if session.moe_monitor is not None:
+        session.moe_monitor.close()
     return result
 
 
 def train(recipe: Recipe) -> TrainResult:
-    """Run `recipe` in this process (one rank of the torchrun world, or a world of one)."""
+    """Run `recipe` in this process (one rank of the torchrun world, or a world of one).
+
+    SIGUSR1/SIGTERM or ENGINE_STOP_FILE stop it after the current step with a checkpoint
+    (engine.train.signals); it then returns normally, `result.stopped` saying why."""
     runtime = init_distributed(recipe)
     try:
-        session = build_session(recipe, runtime)
-        if session.resumed_from:
-            log.info("resumed from %s at step %d", session.resumed_from, session.state.step)
-        elif session.initialized_from:
-            log.info("initialized weights from %s", session.initialized_from)
-        return run(session)
+        with StopRequest.from_env().watching() as stop_request:
+            session = build_session(recipe, runtime)
+            if session.resumed_from:
+                log.info("resumed from %s at step %d", session.resumed_from, session.state.step)
+            elif session.initialized_from:
+                log.info("initialized weights from %s", session.initialized_from)
+            result = run(session, stop_request)
+        if result.stopped and result.checkpoint is not None and runtime.is_main:
+            write_resume_file(result.final_step, result.checkpoint)
+        return result
     finally:
         destroy_parallel_state()

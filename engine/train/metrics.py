@@ -1,7 +1,12 @@
 """Training metrics: one fixed-format console line per log step and the same scalars in TensorBoard.
 
 Tag names are the console names: `train/loss`, `train/lr`, `train/grad_norm`, `train/tokens_per_s`,
-`train/tflops_per_device`, `valid/<name>/loss`, `valid/<name>/ppl`. Only rank 0 writes.
+`train/tflops_per_device`, `valid/<name>/loss`, `valid/<name>/ppl`. Token accounting:
+`tokens/total` (this stage), `tokens/total_all_stages` (with the stages before it: an x axis for
+several stages), `tokens/source/<source>` (this stage) and `tokens/fraction/<source>` (the share of
+the tokens since the previous log step); the totals are also written at evaluation steps. A stage
+that starts at step 0 writes the text `stage` and the scalar `stage/index` (its place in the
+pipeline of stages) there. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class Metrics:
                  purge_step: int | None = None):
         self.enabled = enabled
         self.writer = None
+        self._totals_step: int | None = None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -82,6 +88,40 @@ class Metrics:
         self.line(f"valid step {step} | " + " | ".join(parts))
         for name, loss in losses.items():
             self.scalars(step, {f"valid/{name}/loss": loss, f"valid/{name}/ppl": _ppl(loss)})
+
+    def tokens(self, counts) -> None:
+        """Token accounting at a log step (engine.train.stage.TokenCounts); a console line only
+        when there is more than one source."""
+        interval = sum(counts.interval.values())
+        fractions = {n: t / interval if interval else 0.0 for n, t in counts.interval.items()}
+        if len(counts.stage) > 1:
+            parts = [f"{n} {f:.3f}" for n, f in fractions.items()]
+            self.line(f"tokens step {counts.step} | total {counts.total:,} | all stages "
+                      f"{counts.total_all_stages:,} | " + " | ".join(parts))
+        self.token_totals(counts)
+        self.scalars(counts.step, {f"tokens/source/{n}": t for n, t in counts.stage.items()})
+        self.scalars(counts.step, {f"tokens/fraction/{n}": f for n, f in fractions.items()})
+
+    def token_totals(self, counts) -> None:
+        """`tokens/total` and `tokens/total_all_stages`, once per step."""
+        if counts.step == self._totals_step:
+            return
+        self._totals_step = counts.step
+        self.scalars(counts.step, {"tokens/total": counts.total,
+                                   "tokens/total_all_stages": counts.total_all_stages})
+
+    def stage(self, step: int, text: str, index: int, *, show: bool = True) -> None:
+        """The stage boundary: a text and the stage's index among all stages; `show` prints the
+        text too."""
+        if show:
+            self.line(text)
+        if self.writer is not None:
+            self.writer.add_text("stage", text, step)
+        self.scalars(step, {"stage/index": index})
+
+    def moe(self, step: int, report) -> None:
+        self.line(report.line())
+        self.scalars(step, report.scalars())
 
     def close(self) -> None:
         if self.writer is not None:

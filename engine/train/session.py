@@ -7,7 +7,7 @@ Order matters and is written once here: tokenizer (vocab) -> TransformerConfig -
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine import compat
@@ -15,17 +15,20 @@ from engine.checkpoint import (
     CheckpointError,
     SavedLayout,
     TrainState,
+    completed_stages,
     current_layout,
     find_checkpoint,
     load_checkpoint,
     load_weights,
     read_saved_layout,
+    read_train_state,
 )
-from engine.config.recipe import Recipe
+from engine.config.recipe import Recipe, source_names
 from engine.models.build import build_model, model_vocab_size, transformer_config
 from engine.models.spec import resolve_spec
 from engine.train.batches import MicrobatchPlan, SyntheticDataset
 from engine.train.distributed import Runtime
+from engine.train.stage import current_schedule, resumed_schedule
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class Session:
     resumed_from: Path | None = None
     initialized_from: Path | None = None
     tokenizer: object = None
+    moe_monitor: object = None
+    """engine.train.moe_metrics.MoEMonitor for MoE models."""
 
 
 def _tokenizer(recipe: Recipe):
@@ -170,27 +175,37 @@ def _restore(recipe: Recipe, source: Source | None, chunks, optimizer, vocab: in
 
 
 def _datasets(recipe: Recipe, runtime: Runtime, tokenizer):
-    layout, train = runtime.layout, recipe.train
-    train_samples = train.steps * layout.global_batch_size
-    valid_samples = train.eval_steps * layout.global_batch_size
-    if train_samples == 0:  # train.steps=0 only writes the initial weights
+    """The training mix (engine.data.mixing: domain blend + replay, sources named) and the
+    validation sets."""
+    from engine.data.mixing import TrainingMix
+
+    layout, train, data = runtime.layout, recipe.train, recipe.data
+    batch = layout.global_batch_size
+    if train.steps == 0:  # train.steps=0 only writes the initial weights
         return None, {}
-    if recipe.data.synthetic:
+    names = source_names(data)
+    if data.synthetic:
         vocab = tokenizer.vocab_size if tokenizer is not None else recipe.model.vocab_size
-        return (SyntheticDataset(vocab, recipe.data.seq_length, train.seed, train_samples), {})
+        synthetic = SyntheticDataset(vocab, data.seq_length, train.seed, train.steps * batch)
+        return TrainingMix(synthetic, names, num_domain_sources=1, global_batch_size=batch), {}
     from engine.data.datasets import build_datasets
 
+    replay = data.replay.samples_per_batch(batch) if data.replay else 0
+    evaluates = train.eval_interval or train.eval_interval_early
+    common = dict(tokenizer=tokenizer, seq_length=data.seq_length, seed=train.seed,
+                  valid_samples=train.eval_steps * batch, data_cache_dir=data.cache_dir)
     # Every rank reads its own batches (no broadcast); megatron builds index caches on rank 0 first.
-    return build_datasets(
-        blend=[(b.path, b.weight) for b in recipe.data.blend],
-        valid={v.name: v.path for v in recipe.data.valid} if train.eval_interval else {},
-        tokenizer=tokenizer,
-        seq_length=recipe.data.seq_length,
-        seed=train.seed,
-        train_samples=train_samples,
-        valid_samples=valid_samples,
-        data_cache_dir=recipe.data.cache_dir,
-    )
+    domain, valid = build_datasets(
+        blend=[(b.path, b.weight) for b in data.blend],
+        valid={v.name: v.path for v in data.valid} if evaluates else {},
+        train_samples=train.steps * (batch - replay), **common)
+    replayed = None
+    if replay:
+        replayed, _ = build_datasets(blend=[(b.path, b.weight) for b in data.replay.blend],
+                                     valid={}, train_samples=train.steps * replay, **common)
+    mix = TrainingMix(domain, names, num_domain_sources=len(data.blend), global_batch_size=batch,
+                      replay=replayed, replay_per_batch=replay)
+    return mix, valid
 
 
 def checkpoint_layout(recipe: Recipe, padded_vocab_size: int) -> SavedLayout:
@@ -201,10 +216,6 @@ def checkpoint_layout(recipe: Recipe, padded_vocab_size: int) -> SavedLayout:
     )
 
 
-def schedule_args(recipe: Recipe) -> dict:
-    return {**asdict(recipe.train.schedule), "lr": recipe.optim.lr, "steps": recipe.train.steps}
-
-
 def build_session(recipe: Recipe, runtime: Runtime) -> Session:
     tokenizer = _tokenizer(recipe)
     if tokenizer is not None and recipe.model.vocab_size is not None:
@@ -212,6 +223,10 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
 
         check_vocab(tokenizer.vocab_size, recipe.model.vocab_size)
     source = locate_source(recipe)
+    # The schedule check reads JSON only: a refused resume fails before anything is built.
+    resumed = source is not None and source.resume
+    schedule = (resumed_schedule(recipe, source.path, read_train_state(source.path))
+                if resumed else current_schedule(recipe))
     vocab_size = padded_vocab(recipe, tokenizer.vocab_size if tokenizer else None, source)
     # Data first: a bad path or a corrupt .idx fails in seconds, before the model is built.
     train_data, valid_data = _datasets(recipe, runtime, tokenizer)
@@ -224,15 +239,27 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
     chunks = _wrap_ddp(recipe, tc, models)
     optimizer = _optimizer(recipe, tc, chunks)
     _hook_schedules(recipe, tc, chunks, optimizer)
-    state = _restore(recipe, source, chunks, optimizer, vocab_size) or TrainState(
-        step=0, consumed_samples=0, consumed_tokens=0, schedule=schedule_args(recipe))
+    state = _restore(recipe, source, chunks, optimizer, vocab_size)
+    if state is None:  # a new stage: from scratch or from checkpoint.pretrained
+        state = TrainState(step=0, consumed_samples=0, consumed_tokens=0, schedule=schedule,
+                           earlier_stages=completed_stages(source.path) if source else [])
+    state = replace(state, schedule=schedule, stage=recipe.logging.stage)
     from megatron.core import parallel_state as ps
 
     plan = MicrobatchPlan(layout=runtime.layout, dp_rank=ps.get_data_parallel_rank())
-    resumed = source is not None and source.resume
+    moe = recipe.model.moe
+    monitor = None
+    if moe is not None:
+        from engine.train.moe_metrics import MoEMonitor
+
+        monitor = MoEMonitor([getattr(c, "module", c) for c in chunks],
+                             num_layers=recipe.model.num_layers, num_experts=moe.num_experts,
+                             collapse_intervals=recipe.logging.moe_collapse_intervals,
+                             sequence_parallel_size=recipe.parallel.tp
+                             if recipe.parallel.sequence_parallel else 1)
     return Session(recipe=recipe, runtime=runtime, chunks=chunks, optimizer=optimizer,
                    train_data=train_data, valid_data=valid_data, plan=plan,
                    vocab_size=vocab_size, state=state,
                    resumed_from=source.path if resumed else None,
                    initialized_from=source.path if source and not resumed else None,
-                   tokenizer=tokenizer)
+                   tokenizer=tokenizer, moe_monitor=monitor)

@@ -105,7 +105,8 @@ def test_pretrained_is_weights_only_and_ignored_once_a_checkpoint_exists(
     again = train(
         recipe_from_dict(
             make_recipe(
-                train={"steps": 4},
+                # 2 -> 4 steps stretches the cosine over steps already taken: explicit
+                train={"steps": 4, "override_schedule": True},
                 checkpoint={"save": str(tmp_path / "cpt"), "pretrained": str(tmp / "ckpt")},
             )
         )

@@ -268,7 +268,8 @@ def test_round_trip_with_every_kind_of_value(recipe_file, tmp_path):
     ])
     plain = recipe_to_dict(recipe)
     assert plain["data"]["valid"] == {"v": "c"}
-    assert plain["data"]["blend"] == [{"path": "a", "weight": 0.25}, {"path": "b", "weight": 3.0}]
+    assert plain["data"]["blend"] == [{"path": "a", "weight": 0.25, "name": None},
+                                      {"path": "b", "weight": 3.0, "name": None}]
     assert yaml.safe_load(yaml.safe_dump(plain)) == plain  # plain YAML-able data
     assert recipe_from_dict(plain) == recipe
     out = tmp_path / "run" / "recipe.yaml"
