@@ -9,17 +9,20 @@ PY := $(VENV)/bin/python
 DEMO := data/demo
 NPROC ?= 2
 
-.PHONY: demo test install install-dev demo-data clean-demo
+.PHONY: demo test install install-dev demo-data pipeline-data pipeline clean-demo
 
-$(VENV)/.installed: setup.py
+# --no-build-isolation: setup.py compiles csrc/ against the torch installed first (an isolated
+# build would fetch another torch); editing csrc/ reinstalls.
+$(VENV)/.installed: setup.py $(wildcard csrc/*/*)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; \
+	else $(PY) -m pip install -q 'torch>=2.4'; fi
+	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -43,9 +46,17 @@ $(DEMO)/code-valid.jsonl: | $(VENV)/.installed
 
 demo-data: $(DEMO)/shakespeare-train.idx $(DEMO)/shakespeare-valid.idx $(DEMO)/code-valid.idx
 
+$(DEMO)/code-train.jsonl: $(DEMO)/code-valid.jsonl ;
+
+# the EfficientScale pipeline adds a domain corpus: Python's standard library
+pipeline-data: demo-data $(DEMO)/code-train.idx
+
 demo: demo-data
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m engine train \
 		--config configs/tiny-cpu.yaml $(ARGS)
+
+pipeline: pipeline-data
+	$(PY) -m engine pipeline run configs/pipelines/efficientscale-tiny.yaml
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests

@@ -24,8 +24,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.config.errors import ConfigError
     from engine.convert import ConvertError
     from engine.data import DataError
+    from engine.upcycle import UpcycleError
 
-    return ConfigError, DataError, CheckpointError, ConvertError
+    return ConfigError, DataError, CheckpointError, ConvertError, UpcycleError
 
 
 def train_main(argv: list[str]) -> int:
@@ -79,12 +80,43 @@ def _convert_main(argv: list[str]) -> int:
     return convert_main(argv)
 
 
+def _bench_main(argv: list[str]) -> int:
+    from engine.bench.cli import main
+
+    return main(argv)
+
+
+def _upcycle_main(argv: list[str]) -> int:
+    """`engine upcycle scale-up|scale-out ...`."""
+    from engine.upcycle.scale_out_cli import scale_out_main
+
+    commands = {"scale-out": scale_out_main}
+    try:
+        from engine.upcycle.cli import UPCYCLE_COMMANDS
+        commands.update(UPCYCLE_COMMANDS)
+    except ImportError:
+        pass
+    if not argv or argv[0] not in commands:
+        print(f"usage: engine upcycle {{{','.join(sorted(commands))}}} ...", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+def _pipeline_main(argv: list[str]) -> int:
+    from engine.pipeline.cli import pipeline_main
+
+    return pipeline_main(argv)
+
+
 COMMANDS = {
     "train": train_main,
     "preprocess": _data_command("preprocess_main"),
     "tokenizer": _tokenizer_main,
     "corpus": _data_command("corpus_main"),
     "convert": _convert_main,
+    "upcycle": _upcycle_main,
+    "bench": _bench_main,
+    "pipeline": _pipeline_main,
 }
 
 

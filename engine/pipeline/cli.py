@@ -1,0 +1,95 @@
+"""`engine pipeline run|report|submit FILE`: run the stages here, write the report, or submit
+the stages as Slurm jobs chained with `--dependency=afterok`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.pipeline.config import load_pipeline
+from engine.pipeline.stages import done
+
+log = logging.getLogger(__name__)
+
+SLURM_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "slurm" / "pipeline.sbatch"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engine pipeline", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the stages that are not done, then write the report")
+    run.add_argument("file")
+    run.add_argument("--stage", action="append", help="only this stage (repeatable)")
+    run.add_argument("--no-report", action="store_true")
+    rep = sub.add_parser("report", help="(re)write report.md and the plots from what is on disk")
+    rep.add_argument("file")
+    rc = sub.add_parser("recipe", help="write a train stage's recipe and print its path (what "
+                        "launch/slurm/pipeline.sbatch trains); prints nothing for other stages")
+    rc.add_argument("file")
+    rc.add_argument("stage")
+    sb = sub.add_parser("submit", help="one sbatch job per stage not done, chained afterok")
+    sb.add_argument("file")
+    sb.add_argument("--sbatch-arg", action="append", default=[],
+                    help="extra sbatch option for every job, e.g. --sbatch-arg=--partition=gpu")
+    sb.add_argument("--dry-run", action="store_true", help="print the sbatch commands only")
+    return p
+
+
+def submit(file: str, extra: list[str], dry_run: bool) -> list[str]:
+    """Submit each stage that is not done; a stage waits (afterok) for its source's job.
+    Returns the job ids (placeholders in a dry run)."""
+    pipe = load_pipeline(file)
+    jobs: dict[str, str] = {}
+    for stage in pipe.stages:
+        if done(pipe, stage):
+            print(f"# {stage.name}: done")
+            continue
+        d = pipe.stage_dir(stage.name)
+        command = ["sbatch", "--parsable", f"--job-name={pipe.name}-{stage.name}",
+                   f"--output={d}/slurm-%j.out", *extra]
+        if stage.source in jobs:  # baselines need only their source: they run side by side
+            command.append(f"--dependency=afterok:{jobs[stage.source]}")
+        command += [str(SLURM_SCRIPT), file, stage.name]
+        if dry_run or os.environ.get("ENGINE_DRY_RUN") == "1":
+            print(shlex.join(command))
+            jobs[stage.name] = f"<{stage.name}>"
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        job = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        jobs[stage.name] = job.strip().split(";")[0]
+        print(f"{stage.name}: job {jobs[stage.name]}")
+    return list(jobs.values())
+
+
+def pipeline_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from engine.pipeline.report import write_report
+    from engine.pipeline.run import PipelineError, run_pipeline
+
+    if args.command == "submit":
+        submit(args.file, args.sbatch_arg, args.dry_run)
+        return 0
+    pipe = load_pipeline(args.file)
+    if args.command == "recipe":
+        from engine.pipeline.stages import plan
+
+        stage = pipe.stage(args.stage)
+        if stage.kind == "train":
+            print(plan(pipe, stage).recipe)
+        return 0
+    if args.command == "run":
+        try:
+            run_pipeline(pipe, args.stage)
+        except PipelineError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        if args.no_report or args.stage:
+            return 0
+    path = write_report(pipe)
+    log.info("report: %s", path)
+    return 0

@@ -1,0 +1,162 @@
+"""The pipeline file: an ordered list of stages, each training or transforming a model.
+
+```yaml
+name: efficientscale-tiny
+out: runs/efficientscale-tiny        # one directory per stage under it
+recipe: configs/tiny-cpu.yaml        # every train stage starts from this recipe ...
+overrides: {parallel.tp: 1}          # ... with these dotted overrides
+nproc: 1                             # processes per train stage (torchrun), unless the stage says
+stages:
+  - {name: pretrain, kind: train, overrides: {train.steps: 300}}
+  - {name: grow, kind: scale_up, source: pretrain, args: {hidden: 256, layers: 4}}
+  - {name: cpt, kind: train, source: grow}                      # weights of `grow`
+  - {name: cpt_random, kind: train, source: grow, init: random, baseline_for: cpt}
+```
+
+A train stage with a `source` takes the source's model (its checkpoint's `model` section) and,
+unless `init: random`, its weights (`checkpoint.pretrained`). `baseline_for: S` marks a stage as
+a comparison for stage S (same tokens); the report puts them side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from engine.config.errors import ConfigError
+
+KINDS = ("train", "scale_up", "scale_out", "export")
+INITS = ("pretrained", "random")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    """Directory name of the stage's outputs under the pipeline's `out`; letters, digits, -, _."""
+    kind: str
+    """train | scale_up | scale_out | export."""
+    source: str | None = None
+    """The earlier stage whose model this stage starts from (required except for a first train)."""
+    init: str = "pretrained"
+    """train stages with a source: `pretrained` (its weights) or `random` (its shape only)."""
+    overrides: Mapping = field(default_factory=dict)
+    """train: dotted recipe overrides on top of the pipeline's, e.g. {train.steps: 200}."""
+    args: Mapping = field(default_factory=dict)
+    """scale_up / scale_out / export: the command's options without dashes, e.g. {hidden: 256}."""
+    nproc: int | None = None
+    """train: processes (torchrun --nproc-per-node); default the pipeline's `nproc`."""
+    baseline_for: str | None = None
+    """Report this train stage as a baseline of that stage (trained on the same tokens)."""
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    out: str
+    """Root of the stage directories (relative paths are relative to the current directory)."""
+    recipe: str
+    """The base recipe of every train stage."""
+    stages: tuple[Stage, ...]
+    overrides: Mapping = field(default_factory=dict)
+    """Dotted overrides for every train stage, before the stage's own."""
+    nproc: int = 1
+    shared: Mapping = field(default_factory=dict)
+    """Free-form: YAML anchors that stages reuse (e.g. one set of CPT overrides); not read."""
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(f"pipeline {self.name}: no stage {name!r} "
+                          f"(stages: {', '.join(s.name for s in self.stages)})")
+
+    def stage_dir(self, name: str) -> Path:
+        return Path(self.out) / name
+
+
+def _unknown(where: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _build(cls: type, data: object, where: str):
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise _unknown(where, str(key), list(fields))
+    for name, f in fields.items():
+        if name not in data and f.default is dataclasses.MISSING and \
+                f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: '{name}' is required")
+    return dict(data)
+
+
+def _check_stage(stage: Stage, earlier: dict[str, Stage], where: str) -> None:
+    if not isinstance(stage.name, str) or not _NAME.fullmatch(stage.name):
+        raise ConfigError(f"{where}.name: {stage.name!r} must be letters, digits, '-' or '_'")
+    if stage.name in earlier:
+        raise ConfigError(f"{where}.name: stage {stage.name!r} is defined twice")
+    if stage.kind not in KINDS:
+        raise ConfigError(f"{where}.kind: {stage.kind!r} is not one of {', '.join(KINDS)}")
+    if stage.init not in INITS:
+        raise ConfigError(f"{where}.init: {stage.init!r} is not one of {', '.join(INITS)}")
+    if stage.source is None and stage.kind != "train":
+        raise ConfigError(f"{where}.source: a {stage.kind} stage needs the stage it starts from")
+    if stage.source is not None and stage.source not in earlier:
+        raise ConfigError(f"{where}.source: {stage.source!r} is not an earlier stage "
+                          f"(earlier: {', '.join(earlier) or 'none'})")
+    if stage.source is not None and earlier[stage.source].kind == "export":
+        raise ConfigError(f"{where}.source: {stage.source!r} is an export (HF output)")
+    if stage.baseline_for is not None and stage.baseline_for not in earlier:
+        raise ConfigError(f"{where}.baseline_for: {stage.baseline_for!r} is not an earlier stage")
+    if stage.kind == "train" and stage.args:
+        raise ConfigError(f"{where}.args: train stages take `overrides`, not `args`")
+    if stage.kind != "train" and (stage.overrides or stage.baseline_for):
+        raise ConfigError(f"{where}: `overrides`/`baseline_for` are for train stages only")
+    for key in ("overrides", "args"):
+        if not isinstance(getattr(stage, key), Mapping):
+            raise ConfigError(f"{where}.{key}: expected a mapping of option: value")
+    if stage.nproc is not None and (not isinstance(stage.nproc, int) or stage.nproc < 1):
+        raise ConfigError(f"{where}.nproc: expected a positive integer, got {stage.nproc!r}")
+
+
+def pipeline_from_dict(data: object, source: str) -> Pipeline:
+    top = _build(Pipeline, data, source)
+    raw_stages = top.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise ConfigError(f"{source}: 'stages' must be a non-empty list")
+    stages: dict[str, Stage] = {}
+    for i, raw in enumerate(raw_stages):
+        where = f"{source}: stages[{i}]"
+        stage = Stage(**_build(Stage, raw, where))
+        _check_stage(stage, stages, where)
+        stages[stage.name] = stage
+    top["stages"] = tuple(stages.values())
+    pipe = Pipeline(**top)
+    if not isinstance(pipe.overrides, Mapping):
+        raise ConfigError(f"{source}: overrides: expected a mapping of key: value")
+    if not isinstance(pipe.nproc, int) or pipe.nproc < 1:
+        raise ConfigError(f"{source}: nproc: expected a positive integer, got {pipe.nproc!r}")
+    return pipe
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read pipeline ({e.strerror or type(e).__name__})") \
+            from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    return pipeline_from_dict(data, str(path))

@@ -1,0 +1,342 @@
+"""`report.md` and PNG plots of a pipeline run, from what the stages left on disk: TensorBoard
+events (losses), stage recipes (tokens per step), upcycle reports (step-0 losses) and stage.json
+(wall time). Reading and arithmetic are separate from drawing so tests can check the numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from engine.pipeline.config import Pipeline, Stage
+from engine.pipeline.stages import done, output
+
+
+@dataclass
+class Curve:
+    """A stage's losses by step, with the tokens one step consumes."""
+
+    stage: Stage
+    tokens_per_step: int
+    flops_per_token: float
+    steps: int
+    train: list[tuple[int, float]] = field(default_factory=list)
+    valid: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    seconds: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+
+def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] sorted by step; a step logged twice (a resumed run) keeps the
+    last value written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        by_step = {e.step: e.value for e in acc.Scalars(tag)}
+        out[tag] = sorted(by_step.items())
+    return out
+
+
+def read_curve(pipe: Pipeline, stage: Stage) -> Curve:
+    from engine.train.flops import flops_per_token
+
+    d = pipe.stage_dir(stage.name)
+    recipe = yaml.safe_load((d / "recipe.yaml").read_text())
+    train, data = recipe["train"], recipe["data"]
+    from engine.config.loader import recipe_from_dict
+
+    r = recipe_from_dict(recipe, str(d / "recipe.yaml"))
+    vocab = r.model.vocab_size or _tokenizer_vocab(r)
+    gbs = train.get("global_batch_size") or train["micro_batch_size"]
+    curve = Curve(stage, gbs * data["seq_length"], flops_per_token(r.model, vocab,
+                                                                   data["seq_length"]),
+                  train["steps"])
+    scalars = read_scalars(d / "tensorboard") if (d / "tensorboard").is_dir() else {}
+    curve.train = scalars.get("train/loss", [])
+    for tag, points in scalars.items():
+        parts = tag.split("/")
+        if len(parts) == 3 and parts[0] == "valid" and parts[2] == "loss":
+            curve.valid[parts[1]] = points
+    record = d / "stage.json"
+    if record.is_file():
+        curve.seconds = sum(r["seconds"] for r in json.loads(record.read_text())["runs"])
+    return curve
+
+
+def _tokenizer_vocab(recipe) -> int:
+    from engine.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(recipe.tokenizer.type, recipe.tokenizer.path).vocab_size
+
+
+def tokens_to_reach(points: list[tuple[int, float]], target: float,
+                    tokens_per_step: int) -> float | None:
+    """Tokens after which the loss curve first reaches `target`, interpolated linearly between
+    the two evaluations around the crossing; None if it never does."""
+    prev = None
+    for step, loss in points:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return step * tokens_per_step
+            s0, l0 = prev
+            return (s0 + (l0 - target) / (l0 - loss) * (step - s0)) * tokens_per_step
+        prev = (step, loss)
+    return None
+
+
+def ancestry(pipe: Pipeline, stage: Stage) -> list[Stage]:
+    """The train stages whose weights flow into `stage` (oldest first), itself last."""
+    chain = []
+    s: Stage | None = stage
+    while s is not None:
+        if s.kind == "train":
+            chain.append(s)
+        if s.kind == "train" and s.init == "random":
+            break
+        s = pipe.stage(s.source) if s.source else None
+    return chain[::-1]
+
+
+@dataclass
+class Comparison:
+    stage: str
+    baseline: str
+    valid_set: str
+    baseline_tokens: int
+    baseline_final: float
+    stage_final: float
+    tokens_to_reach: float | None
+    """Tokens the stage needed to reach the baseline's final loss (None: it did not)."""
+    ancestry_flops: float
+    """FLOPs spent on the stage's ancestors (smaller models it was grown from)."""
+    baseline_flops: float
+    """FLOPs of the baseline, its own ancestors included."""
+    stage_flops_per_token: float
+    baseline_random: bool
+
+    @property
+    def token_ratio(self) -> float | None:
+        return None if self.tokens_to_reach is None else self.tokens_to_reach / \
+            self.baseline_tokens
+
+    @property
+    def compute_ratio(self) -> float | None:
+        """(ancestors' FLOPs + the stage's FLOPs to reach) / (the baseline's FLOPs, with its
+        ancestors')."""
+        if self.tokens_to_reach is None:
+            return None
+        spent = self.ancestry_flops + self.tokens_to_reach * self.stage_flops_per_token
+        return spent / self.baseline_flops
+
+
+def _ancestry_flops(pipe: Pipeline, curve: Curve, curves: dict[str, Curve]) -> float:
+    """Training FLOPs of the stages before `curve`'s whose weights it starts from."""
+    return sum(curves[s.name].tokens * curves[s.name].flops_per_token
+               for s in ancestry(pipe, curve.stage)[:-1] if s.name in curves)
+
+
+def comparisons(pipe: Pipeline, curves: dict[str, Curve]) -> list[Comparison]:
+    out = []
+    for b in pipe.stages:
+        if b.baseline_for is None or b.name not in curves or b.baseline_for not in curves:
+            continue
+        base, main = curves[b.name], curves[b.baseline_for]
+        anc_flops = _ancestry_flops(pipe, main, curves)
+        base_flops = _ancestry_flops(pipe, base, curves) + base.tokens * base.flops_per_token
+        for name, points in sorted(base.valid.items()):
+            if not points or not main.valid.get(name):
+                continue
+            final = points[-1][1]
+            out.append(Comparison(
+                main.stage.name, b.name, name, base.tokens, final, main.valid[name][-1][1],
+                tokens_to_reach(main.valid[name], final, main.tokens_per_step), anc_flops,
+                base_flops, main.flops_per_token, b.init == "random"))
+    return out
+
+
+def growth_steps(pipe: Pipeline) -> list[dict]:
+    """Per upcycle stage: the loss on the same tokens before and after (its report.json)."""
+    rows = []
+    for s in pipe.stages:
+        if s.kind not in ("scale_up", "scale_out"):
+            continue
+        path = output(pipe, s) / "report.json"
+        if not path.is_file():
+            continue
+        rep = json.loads(path.read_text())
+        if s.kind == "scale_up":
+            v = rep["validation"]
+            before, after = v["loss_source"], v["loss_grown"]
+            method = f"scale-up {rep.get('width_method', '')}/{rep.get('depth_method', '')}"
+            exact = rep.get("expected_exact")
+        else:
+            v = rep["invariant"]
+            before, after = v["dense_loss"], v["moe_loss"]
+            method = f"scale-out {rep['target']['num_experts']} experts top-{rep['target']['topk']}"
+            exact = v.get("expected_exact")
+        rows.append({"stage": s.name, "method": method.strip(), "before": before,
+                     "after": after, "change": after - before,
+                     "rel_logit_diff": v.get("max_rel_logit_diff"),
+                     "expected_exact": exact})
+    return rows
+
+
+def step0_continuity(pipe: Pipeline, curves: dict[str, Curve]) -> list[dict]:
+    """Per train stage that starts from an upcycled model: its step-0 evaluation next to the
+    last evaluation of the train stage before the growth (same weights when growth preserves
+    the function, same validation sets)."""
+    rows = []
+    for s in pipe.stages:
+        if s.kind != "train" or s.init != "pretrained" or s.name not in curves or not s.source:
+            continue
+        up = pipe.stage(s.source)
+        if up.kind not in ("scale_up", "scale_out") or up.source not in curves:
+            continue
+        before, after = curves[up.source], curves[s.name]
+        for name, points in sorted(after.valid.items()):
+            if points and points[0][0] == 0 and before.valid.get(name):
+                rows.append({"stage": s.name, "growth": up.name, "valid_set": name,
+                             "before": before.valid[name][-1][1], "after": points[0][1]})
+    return rows
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def write_report(pipe: Pipeline) -> Path:
+    """Write `<out>/report.md` and its plots; returns the report's path."""
+    out = Path(pipe.out)
+    curves = {s.name: read_curve(pipe, s) for s in pipe.stages
+              if s.kind == "train" and (pipe.stage_dir(s.name) / "recipe.yaml").is_file()}
+    growth = growth_steps(pipe)
+    comps = comparisons(pipe, curves)
+    plots = draw(pipe, curves, growth, comps, out)
+    lines = [f"# {pipe.name}", "",
+             "| stage | kind | from | status | steps | tokens | wall time | train loss | "
+             + " | ".join(f"valid {v}" for v in _valid_names(curves)) + " |",
+             "|" + "---|" * (8 + len(_valid_names(curves)))]
+    for s in pipe.stages:
+        c = curves.get(s.name)
+        status = "done" if done(pipe, s) else "not done"
+        src = (s.source or "") + (" (shape only)" if s.init == "random" and s.source else "")
+        if c is None:
+            lines.append(f"| {s.name} | {s.kind} | {s.source or ''} | {status} |||||"
+                         + "|" * len(_valid_names(curves)))
+            continue
+        valids = [_fmt(c.valid[v][-1][1]) if c.valid.get(v) else "—"
+                  for v in _valid_names(curves)]
+        lines.append(f"| {s.name} | train | {src} | {status} | {c.steps} | {c.tokens:,} | "
+                     f"{_fmt(c.seconds, '.0f')} s | "
+                     f"{_fmt(c.train[-1][1]) if c.train else '—'} | " + " | ".join(valids) + " |")
+    lines += ["", "## Growth steps: loss on the same tokens before and after", "",
+              "| stage | method | loss before | loss after | change | max rel logit diff |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {g['stage']} | {g['method']} | {g['before']:.5f} | {g['after']:.5f} | "
+              f"{g['change']:+.2e} | {_fmt(g['rel_logit_diff'], '.1e')} |" for g in growth]
+    lines += ["", "Validation sets: the last evaluation before each growth and the first (step 0) "
+              "of the stage after it.", "", "| stage | after growth | valid set | before | "
+              "step 0 | change |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['growth']} | {r['valid_set']} | {r['before']:.5f} | "
+              f"{r['after']:.5f} | {r['after'] - r['before']:+.2e} |"
+              for r in step0_continuity(pipe, curves)]
+    lines += ["", "## Against the baselines", "",
+              "Tokens to reach = tokens the stage needed for its validation loss to reach the "
+              "baseline's final loss (linear between evaluations); token ratio = that / the "
+              "baseline's tokens. Compute ratio counts training FLOPs on both sides, including "
+              "the stages each one's weights came from (the small model the grown one started "
+              "as), so it is the honest price of growing.", "",
+              "| stage | baseline | valid set | baseline final (tokens) | stage final | "
+              "tokens to reach | token ratio | compute ratio |", "|" + "---|" * 8]
+    for c in comps:
+        lines.append(f"| {c.stage} | {c.baseline}{' (random init)' if c.baseline_random else ''}"
+                     f" | {c.valid_set} | {c.baseline_final:.4f} ({c.baseline_tokens:,}) | "
+                     f"{c.stage_final:.4f} | {_fmt(c.tokens_to_reach, ',.0f')} | "
+                     f"{_fmt(c.token_ratio, '.2f')} | {_fmt(c.compute_ratio, '.2f')} |")
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    path = out / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _valid_names(curves: dict[str, Curve]) -> list[str]:
+    return sorted({v for c in curves.values() for v in c.valid})
+
+
+def main_chain(pipe: Pipeline) -> list[Stage]:
+    """The train stages that are nobody's baseline, in file order: one time axis."""
+    return [s for s in pipe.stages if s.kind == "train" and s.baseline_for is None]
+
+
+def draw(pipe: Pipeline, curves: dict[str, Curve], growth: list[dict],
+         comps: list[Comparison], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    names = _valid_names(curves)
+    # 1. losses of the main chain on one token axis, stage boundaries marked
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(6 * max(len(names), 1), 4),
+                             squeeze=False)
+    offset = 0
+    for s in main_chain(pipe):
+        c = curves.get(s.name)
+        if c is None:
+            continue
+        for ax, v in zip(axes[0], names):
+            pts = c.valid.get(v, [])
+            ax.plot([offset + st * c.tokens_per_step for st, _ in pts], [x for _, x in pts],
+                    marker=".", label=s.name)
+            ax.axvline(offset, color="grey", linestyle=":", linewidth=0.8)
+        offset += c.tokens
+    for ax, v in zip(axes[0], names):
+        ax.set(title=f"validation loss: {v}", xlabel="tokens (all stages)", ylabel="loss")
+        ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "loss_all_stages.png"))
+    # 2. growth continuity
+    if growth:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = range(len(growth))
+        ax.bar([x - 0.2 for x in xs], [g["before"] for g in growth], 0.4, label="before")
+        ax.bar([x + 0.2 for x in xs], [g["after"] for g in growth], 0.4, label="after (step 0)")
+        ax.set_xticks(list(xs), [g["stage"] for g in growth])
+        ax.set(ylabel="loss on the same tokens", title="loss across each growth step")
+        ax.legend()
+        paths.append(_save(fig, out / "growth_step0.png"))
+    # 3. each stage against its baselines, on the stage's own tokens
+    pairs = sorted({(c.stage, c.baseline) for c in comps})
+    for stage in sorted({p[0] for p in pairs}):
+        fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+        for ax, v in zip(axes[0], names):
+            for name in [stage] + [b for s, b in pairs if s == stage]:
+                c = curves[name]
+                pts = c.valid.get(v, [])
+                ax.plot([st * c.tokens_per_step for st, _ in pts], [x for _, x in pts],
+                        marker=".", label=name)
+            ax.set(title=f"{stage} vs baselines: {v}", xlabel="tokens in this stage",
+                   ylabel="validation loss")
+            ax.legend(fontsize=8)
+        paths.append(_save(fig, out / f"baselines_{stage}.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

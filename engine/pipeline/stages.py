@@ -1,0 +1,112 @@
+"""What each stage runs and when it counts as done: commands built from the pipeline file and
+the outputs of earlier stages. No process is started here (see run.py)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from engine.checkpoint.io import find_checkpoint, read_train_state
+from engine.config.errors import ConfigError
+from engine.config.loader import apply_overrides, dump_recipe, recipe_from_dict
+from engine.config.recipe import Recipe
+from engine.pipeline.config import Pipeline, Stage
+
+ENGINE = [sys.executable, "-m", "engine"]
+UPCYCLE_COMMAND = {"scale_up": "scale-up", "scale_out": "scale-out"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    stage: Stage
+    commands: tuple[tuple[str, ...], ...]
+    """Run in order; a train stage's single command is `engine train --config <recipe>`."""
+    recipe: Path | None = None
+    """train: the stage's full recipe, written by `plan()`."""
+
+
+def output(pipe: Pipeline, stage: Stage) -> Path:
+    """Where the stage's result lives: a checkpoint save directory, or the HF directory."""
+    d = pipe.stage_dir(stage.name)
+    return d / {"train": "checkpoints", "scale_up": "model", "scale_out": "model",
+                "export": "hf"}[stage.kind]
+
+
+def stage_recipe(pipe: Pipeline, stage: Stage) -> Recipe | None:
+    """The recipe a train stage runs (None for other stages); it reads the source's checkpoint."""
+    if stage.kind != "train":
+        return None
+    base = Path(pipe.recipe)
+    data = apply_overrides(yaml.safe_load(base.read_text()), pipe.overrides,
+                           f"{base} + pipeline overrides")
+    checkpoint = {"save": str(output(pipe, stage)), "load": None, "pretrained": None}
+    if stage.source is not None:
+        src_stage = pipe.stage(stage.source)
+        src = find_checkpoint(output(pipe, src_stage))
+        if src is None:
+            raise ConfigError(f"stage {stage.name}: its source {stage.source} has no output "
+                              f"yet ({output(pipe, src_stage)}); run that stage first")
+        data["model"] = yaml.safe_load((src / "recipe.yaml").read_text())["model"]
+        if stage.init == "pretrained":
+            checkpoint["pretrained"] = str(output(pipe, src_stage))
+    data = apply_overrides(data, stage.overrides, f"{pipe.name}: stage {stage.name}")
+    data.setdefault("checkpoint", {}).update(checkpoint)
+    logging = data.setdefault("logging", {})
+    logging["tensorboard_dir"] = str(pipe.stage_dir(stage.name) / "tensorboard")
+    logging["stage"] = stage.name
+    return recipe_from_dict(data, f"{pipe.name}: stage {stage.name}")
+
+
+def _options(args) -> list[str]:
+    out = []
+    for key, value in args.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value not in (False, None):
+            out += [flag, str(value)]
+    return out
+
+
+def plan(pipe: Pipeline, stage: Stage) -> Plan:
+    """The stage's commands (its sources must be done); writes a train stage's recipe."""
+    d = pipe.stage_dir(stage.name)
+    if stage.kind == "train":
+        recipe = stage_recipe(pipe, stage)
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "recipe.yaml"
+        dump_recipe(recipe, path)
+        nproc = stage.nproc or pipe.nproc
+        launch = ENGINE if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(nproc), "-m", "engine"]
+        return Plan(stage, ((*launch, "train", "--config", str(path)),), path)
+    src = str(output(pipe, pipe.stage(stage.source)))
+    if stage.kind in UPCYCLE_COMMAND:
+        return Plan(stage, ((*ENGINE, "upcycle", UPCYCLE_COMMAND[stage.kind], "--ckpt", src,
+                             "--out", str(output(pipe, stage)), *_options(stage.args)),))
+    args = dict(stage.args)
+    verify = {k: args.pop(k) for k in ("tol", "seq", "batch") if k in args}
+    return Plan(stage, (
+        (*ENGINE, "convert", "engine-to-hf", "--ckpt", src, "--out", str(output(pipe, stage)),
+         *_options(args)),
+        (*ENGINE, "convert", "verify", "--hf", str(output(pipe, stage)), "--ckpt", src,
+         "--json", str(d / "verify.json"), *_options(verify)),
+    ))
+
+
+def done(pipe: Pipeline, stage: Stage) -> bool:
+    """Whether the stage's output is complete: a train stage's last checkpoint is at
+    `train.steps`; an upcycle's checkpoint exists (written whole, then renamed); an export
+    is verified."""
+    out = output(pipe, stage)
+    if stage.kind == "train":
+        ckpt = find_checkpoint(out)
+        return ckpt is not None and \
+            read_train_state(ckpt).step >= stage_recipe(pipe, stage).train.steps
+    if stage.kind == "export":
+        return (pipe.stage_dir(stage.name) / "verify.json").is_file()
+    return find_checkpoint(out) is not None

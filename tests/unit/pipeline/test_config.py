@@ -1,0 +1,89 @@
+"""The pipeline file: its checks, and how stage overrides become a recipe."""
+
+import pytest
+import yaml
+
+from engine.config.errors import ConfigError
+from engine.config.loader import apply_overrides, recipe_from_dict
+from engine.pipeline.config import load_pipeline, pipeline_from_dict
+from engine.pipeline.stages import plan
+
+BASE = {"name": "p", "out": "runs/p", "recipe": "r.yaml", "stages": [
+    {"name": "pre", "kind": "train"},
+    {"name": "grow", "kind": "scale_up", "source": "pre", "args": {"hidden": 8}},
+    {"name": "cpt", "kind": "train", "source": "grow"},
+    {"name": "rand", "kind": "train", "source": "grow", "init": "random", "baseline_for": "cpt"},
+]}
+
+
+def _with(**changes):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    stage = changes.pop("stage", None)
+    if stage is not None:
+        i, values = stage
+        data["stages"][i].update(values)
+    data.update(changes)
+    return data
+
+
+def test_valid_pipeline_parses():
+    pipe = pipeline_from_dict(BASE, "p.yaml")
+    assert [s.name for s in pipe.stages] == ["pre", "grow", "cpt", "rand"]
+    assert pipe.stage("rand").baseline_for == "cpt"
+    assert str(pipe.stage_dir("cpt")) == "runs/p/cpt"
+
+
+@pytest.mark.parametrize("data, message", [
+    (_with(stagez=[]), "unknown key 'stagez' (did you mean 'stages'?)"),
+    (_with(stage=(1, {"kind": "scaleup"})), "stages[1].kind: 'scaleup' is not one of"),
+    (_with(stage=(2, {"source": "later"})), "stages[2].source: 'later' is not an earlier stage"),
+    (_with(stage=(1, {"source": None})), "stages[1].source: a scale_up stage needs"),
+    (_with(stage=(3, {"init": "zeros"})), "stages[3].init: 'zeros' is not one of"),
+    (_with(stage=(2, {"name": "pre"})), "stage 'pre' is defined twice"),
+    (_with(stage=(2, {"name": "a b"})), "stages[2].name: 'a b' must be"),
+    (_with(stage=(0, {"args": {"x": 1}})), "train stages take `overrides`"),
+    (_with(stage=(0, {"overide": {}})), "unknown key 'overide' (did you mean 'overrides'?)"),
+    (_with(stages=[]), "'stages' must be a non-empty list"),
+    (_with(nproc=0), "nproc: expected a positive integer"),
+])
+def test_bad_pipeline_is_one_line(data, message):
+    with pytest.raises(ConfigError) as err:
+        pipeline_from_dict(data, "p.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith("p.yaml: ")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read pipeline"):
+        load_pipeline(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_pipeline(tmp_path / "bad.yaml")
+
+
+def test_section_mapping_overrides_merge_key_by_key():
+    base = {"model": {"num_layers": 2, "hidden_size": 8, "ffn_hidden_size": 16,
+                      "num_attention_heads": 2},
+            "data": {"blend": [{"path": "a"}], "seq_length": 16},
+            "train": {"steps": 5, "micro_batch_size": 2}}
+    out = apply_overrides(base, {"train": {"steps": 9}, "optim.lr": 0.5,
+                                 "data.valid": {"general": "g", "domain": "d"}})
+    r = recipe_from_dict(out)
+    assert (r.train.steps, r.train.micro_batch_size, r.optim.lr) == (9, 2, 0.5)
+    assert [(v.name, v.path) for v in r.data.valid] == [("general", "g"), ("domain", "d")]
+    assert base["train"]["steps"] == 5  # a copy
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stpes'.*'train.steps'"):
+        apply_overrides(base, {"train": {"stpes": 9}})
+
+
+def test_upcycle_and_export_commands(tmp_path):
+    pipe = pipeline_from_dict(_with(out=str(tmp_path), stages=BASE["stages"] + [
+        {"name": "hf", "kind": "export", "source": "cpt", "args": {"dtype": "fp32", "tol": 1e-4}},
+    ]), "p.yaml")
+    (cmd,) = plan(pipe, pipe.stage("grow")).commands
+    assert cmd[-7:] == ("scale-up", "--ckpt", f"{tmp_path}/pre/checkpoints", "--out",
+                        f"{tmp_path}/grow/model", "--hidden", "8")
+    export, verify = plan(pipe, pipe.stage("hf")).commands
+    assert export[3:5] == ("convert", "engine-to-hf") and export[-2:] == ("--dtype", "fp32")
+    assert verify[3:5] == ("convert", "verify") and verify[-2:] == ("--tol", "0.0001")
+    assert f"{tmp_path}/cpt/checkpoints" in verify
