@@ -44,13 +44,20 @@ def submit(file: str, extra: list[str], dry_run: bool) -> list[str]:
     """Submit each stage that is not done; a stage waits (afterok) for its source's job.
     Returns the job ids (placeholders in a dry run)."""
     pipe = load_pipeline(file)
+    # sbatch runs a copy of the script from its spool, which then falls back to the submit
+    # directory for the repository: name this one, wherever `submit` is run from.
+    root = os.environ.get("ENGINE_ROOT") or str(SLURM_SCRIPT.parents[2])
+    env = {**os.environ, "ENGINE_ROOT": root}
     jobs: dict[str, str] = {}
     for stage in pipe.stages:
         if done(pipe, stage):
             print(f"# {stage.name}: done")
             continue
         d = pipe.stage_dir(stage.name)
-        command = ["sbatch", "--parsable", f"--job-name={pipe.name}-{stage.name}",
+        # --kill-on-invalid-dep: a failed stage cancels the jobs waiting on it (else they pend
+        # for ever with Reason=DependencyNeverSatisfied)
+        command = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes",
+                   f"--job-name={pipe.name}-{stage.name}",
                    f"--output={d}/slurm-%j.out", *extra]
         if stage.source in jobs:  # baselines need only their source: they run side by side
             command.append(f"--dependency=afterok:{jobs[stage.source]}")
@@ -60,8 +67,13 @@ def submit(file: str, extra: list[str], dry_run: bool) -> list[str]:
             jobs[stage.name] = f"<{stage.name}>"
             continue
         d.mkdir(parents=True, exist_ok=True)
-        job = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        jobs[stage.name] = job.strip().split(";")[0]
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            from engine.pipeline.run import PipelineError
+
+            why = result.stderr.strip().splitlines()[-1:] or [f"exit code {result.returncode}"]
+            raise PipelineError(f"sbatch of stage {stage.name} failed: {why[0]}")
+        jobs[stage.name] = result.stdout.strip().split(";")[0]
         print(f"{stage.name}: job {jobs[stage.name]}")
     return list(jobs.values())
 
@@ -72,7 +84,11 @@ def pipeline_main(argv: list[str]) -> int:
     from engine.pipeline.run import PipelineError, run_pipeline
 
     if args.command == "submit":
-        submit(args.file, args.sbatch_arg, args.dry_run)
+        try:
+            submit(args.file, args.sbatch_arg, args.dry_run)
+        except PipelineError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         return 0
     pipe = load_pipeline(args.file)
     if args.command == "recipe":
