@@ -19,3 +19,9 @@ python3 -m engine train --config configs/tiny-cpu.yaml "${common[@]}" parallel.t
   parallel.sequence_parallel=false logging.log_interval=10
 echo "== Llama-3.2-1B shape, synthetic tokens, seq 4096"
 python3 -m engine train --config configs/llama3.2-1b.yaml "${common[@]}" logging.log_interval=5
+echo "== CUDA kernels (issue: benchmarks and fused kernels): build for sm_90, each vs its reference"
+TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py -q build_ext --inplace
+python3 -m engine bench kernels --device cuda --precision bf16
+echo "== Llama-3.2-1B shape, bf16, seq 4096: the MFU row (target >= 50%)"
+python3 -m engine bench train --config configs/llama3.2-1b.yaml --steps 20 --warmup 3 \
+  model.spec=local train.precision=bf16
