@@ -55,7 +55,7 @@ demo: demo-data
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m engine train \
 		--config configs/tiny-cpu.yaml $(ARGS)
 
-pipeline: pipeline-data
+pipeline: pipeline-data $(VENV)/.installed-dev  # transformers (export + verify), matplotlib (plots)
 	$(PY) -m engine pipeline run configs/pipelines/efficientscale-tiny.yaml
 
 test: $(VENV)/.installed-dev
