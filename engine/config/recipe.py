@@ -1,4 +1,6 @@
 """Recipe sections: one frozen dataclass per YAML section, a docstring under every field.
+`model` and `data` live in engine/config/{model,data}.py and are re-exported here, so this module
+names every section.
 
 Owns the shape of a recipe and the checks each section can make on its own fields. Rules that
 need two sections (tp vs heads, degrees vs world size) live in `engine.config.validate`; YAML,
@@ -7,203 +9,19 @@ overrides and type coercion live in `engine.config.loader`. Imports neither torc
 them through, but building anything is someone else's job. `__post_init__` only raises.
 """
 
-import math
 from dataclasses import dataclass, field
 
+from engine.config.checks import at_least, fraction, one_of, positive_float
+from engine.config.data import (  # noqa: F401  (re-exported: one import path for every section)
+    BlendEntry,
+    DataConfig,
+    ReplayConfig,
+    ValidSet,
+    source_name,
+    source_names,
+)
 from engine.config.errors import ConfigError
-
-
-def _at_least(key: str, value: int | float | None, low: int | float) -> None:
-    if value is not None and value < low:
-        raise ConfigError(f"{key}: expected >= {low}, got {value}")
-
-
-def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}: expected one of {'|'.join(choices)}, got {value!r}")
-
-
-def _fraction(key: str, value: float, *, open_low: bool = False, closed_high: bool = False) -> None:
-    low_ok = value > 0.0 if open_low else value >= 0.0
-    high_ok = value <= 1.0 if closed_high else value < 1.0
-    if not (low_ok and high_ok):
-        interval = ("(0" if open_low else "[0") + (", 1]" if closed_high else ", 1)")
-        raise ConfigError(f"{key}: expected a value in {interval}, got {value}")
-
-
-def _positive_float(key: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0.0):
-        raise ConfigError(f"{key}: expected a finite number > 0, got {value}")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RopeScaling:
-    """Llama-3.x RoPE frequency scaling (HF `rope_scaling` with `rope_type: llama3`).
-
-    Defaults are megatron-core 0.16.1's `RotaryEmbedding._apply_scaling` defaults; note that
-    `GPTModel` passes only `rope_scaling_factor` through, the other three stay at these values.
-    """
-
-    factor: float = 8.0
-    """Context extension factor: low frequencies are divided by it."""
-    low_freq_factor: float = 1.0
-    """Wavelengths above original_max_position_embeddings / low_freq_factor are fully scaled."""
-    high_freq_factor: float = 4.0
-    """Wavelengths below original_max_position_embeddings / high_freq_factor are left alone."""
-    original_max_position_embeddings: int = 8192
-    """Context length the unscaled model was trained with, in tokens."""
-
-    def __post_init__(self):
-        p = "model.rotary_scaling"
-        _positive_float(f"{p}.factor", self.factor)
-        _positive_float(f"{p}.low_freq_factor", self.low_freq_factor)
-        _positive_float(f"{p}.high_freq_factor", self.high_freq_factor)
-        _at_least(f"{p}.original_max_position_embeddings", self.original_max_position_embeddings, 1)
-        if self.high_freq_factor <= self.low_freq_factor:
-            raise ConfigError(
-                f"{p}.high_freq_factor={self.high_freq_factor} must be greater than "
-                f"low_freq_factor={self.low_freq_factor}"
-            )
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class MoEConfig:
-    """Key `model.moe`: mixture-of-experts MLPs (megatron-core's MoE layer; names shortened from
-    its `moe_*` TransformerConfig fields). Absent = a dense model."""
-
-    num_experts: int
-    """Experts per MoE layer (megatron num_moe_experts)."""
-    topk: int = 2
-    """Experts each token is routed to (moe_router_topk)."""
-    ffn_hidden_size: int | None = None
-    """Inner width of one expert; null = model.ffn_hidden_size (fine-grained experts: smaller)."""
-    router_pre_softmax: bool = False
-    """true: softmax over all experts, then top-k (Qwen2-MoE without renormalization);
-    false: top-k, then softmax over the chosen (Mixtral): the weights of a token sum to 1."""
-    router_score_function: str = "softmax"
-    """softmax|sigmoid."""
-    load_balancing: str = "aux_loss"
-    """aux_loss (Switch Transformer, per global batch)|seq_aux_loss (per sequence)|none."""
-    aux_loss_coeff: float = 0.0
-    """Load-balancing loss coefficient (AquilaMoE used 0.001)."""
-    z_loss_coeff: float | None = None
-    """Router z-loss coefficient (ST-MoE, Zoph et al. 2022; AquilaMoE used 0.01); null = off."""
-    capacity_factor: float | None = None
-    """Tokens an expert takes, as a multiple of its fair share; extra tokens are dropped;
-    null = dropless."""
-    token_dispatcher: str = "allgather"
-    """allgather|alltoall: how tokens reach experts on other expert-parallel ranks."""
-    layer_freq: int = 1
-    """Layer i is MoE when i % layer_freq == 0 (1 = every layer)."""
-    shared_expert_ffn_hidden_size: int | None = None
-    """Width of an always-on shared expert (Qwen2-MoE); null = none."""
-    shared_expert_gate: bool = False
-    """Scale the shared expert by sigmoid(gate(x)) (Qwen2-MoE's shared_expert_gate)."""
-    grouped_gemm: bool = False
-    """One grouped GEMM for all local experts (TE, GPU); false = one GEMM per expert."""
-
-    def __post_init__(self):
-        p = "model.moe"
-        _at_least(f"{p}.num_experts", self.num_experts, 1)
-        _at_least(f"{p}.topk", self.topk, 1)
-        _at_least(f"{p}.ffn_hidden_size", self.ffn_hidden_size, 1)
-        _at_least(f"{p}.layer_freq", self.layer_freq, 1)
-        _at_least(f"{p}.shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size, 1)
-        if self.topk > self.num_experts:
-            raise ConfigError(f"{p}.topk={self.topk} exceeds {p}.num_experts={self.num_experts}")
-        _one_of(f"{p}.router_score_function", self.router_score_function, ("softmax", "sigmoid"))
-        _one_of(f"{p}.load_balancing", self.load_balancing, ("aux_loss", "seq_aux_loss", "none"))
-        _one_of(f"{p}.token_dispatcher", self.token_dispatcher, ("allgather", "alltoall"))
-        if self.aux_loss_coeff < 0 or (self.z_loss_coeff or 0) < 0:
-            raise ConfigError(f"{p}: loss coefficients must be >= 0")
-        if self.capacity_factor is not None:
-            _positive_float(f"{p}.capacity_factor", self.capacity_factor)
-        if self.shared_expert_gate and self.shared_expert_ffn_hidden_size is None:
-            raise ConfigError(f"{p}.shared_expert_gate needs {p}.shared_expert_ffn_hidden_size")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ModelConfig:
-    """Key `model`: the decoder's shape, in megatron-core `TransformerConfig`/`GPTModel` names."""
-
-    family: str = "llama"
-    """Model family: a key of the family registry in engine.models (checked there)."""
-    num_layers: int
-    """Number of transformer layers."""
-    hidden_size: int
-    """Width of the residual stream."""
-    ffn_hidden_size: int
-    """Inner width of the MLP (per gate/up projection for SwiGLU)."""
-    num_attention_heads: int
-    """Number of query heads."""
-    num_query_groups: int | None = None
-    """Key/value heads for grouped-query attention; null = multi-head (one per query head)."""
-    kv_channels: int | None = None
-    """Width of one attention head; null = hidden_size // num_attention_heads."""
-    vocab_size: int | None = None
-    """Vocabulary size before padding; null = take the tokenizer's."""
-    make_vocab_size_divisible_by: int = 128
-    """The embedding is padded to a multiple of this times parallel.tp (megatron's rule)."""
-    max_position_embeddings: int = 4096
-    """Longest sequence the model supports, in tokens."""
-    rotary_base: float = 10000.0
-    """RoPE base (HF `rope_theta`)."""
-    rotary_percent: float = 1.0
-    """Fraction of each head's channels that RoPE rotates, in (0, 1]."""
-    rotary_scaling: RopeScaling | None = None
-    """Llama-3.x RoPE scaling as a mapping (factor, low_freq_factor, high_freq_factor,
-    original_max_position_embeddings); null = none."""
-    layernorm_epsilon: float = 1e-5
-    """Epsilon of the (RMS) norms."""
-    add_qkv_bias: bool = False
-    """Add a bias to the fused query/key/value projection (Qwen2-style)."""
-    window_size: int | None = None
-    """Sliding-window attention (Mistral): each token attends to itself and the window_size - 1
-    tokens before it; null = full causal attention."""
-    share_embeddings_and_output_weights: bool = False
-    """Tie the output layer to the input embedding."""
-    init_method_std: float = 0.02
-    """Standard deviation of the normal initialization of weights."""
-    hidden_dropout: float = 0.0
-    """Dropout on the residual branches, in [0, 1)."""
-    attention_dropout: float = 0.0
-    """Dropout on the attention probabilities, in [0, 1)."""
-    moe: MoEConfig | None = None
-    """Mixture-of-experts MLPs; null = dense."""
-    spec: str = "auto"
-    """Layer spec: auto|local|te; auto = te when transformer-engine imports and CUDA is present,
-    else local."""
-    fused_kernels: bool = True
-    """Local spec only: use the engine's fused kernels (csrc/: RMSNorm, SwiGLU, RoPE, and at
-    parallel.tp=1 the chunked linear cross-entropy) and torch's scaled_dot_product_attention for
-    core attention; where engine/_C is not built their PyTorch references run (said once).
-    false = megatron-core's local layers as they are. The TE spec has its own fused layers."""
-
-    def __post_init__(self):
-        p = "model"
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                     "num_query_groups", "kv_channels", "vocab_size",
-                     "make_vocab_size_divisible_by", "max_position_embeddings", "window_size"):
-            _at_least(f"{p}.{name}", getattr(self, name), 1)
-        heads, groups = self.num_attention_heads, self.num_query_groups
-        if self.kv_channels is None and self.hidden_size % heads:
-            raise ConfigError(
-                f"{p}.hidden_size={self.hidden_size} must be divisible by "
-                f"{p}.num_attention_heads={heads} (or set {p}.kv_channels)"
-            )
-        if groups is not None and heads % groups:
-            raise ConfigError(
-                f"{p}.num_query_groups={groups} must divide {p}.num_attention_heads={heads}"
-            )
-        _positive_float(f"{p}.rotary_base", self.rotary_base)
-        _fraction(f"{p}.rotary_percent", self.rotary_percent, open_low=True, closed_high=True)
-        _positive_float(f"{p}.layernorm_epsilon", self.layernorm_epsilon)
-        _positive_float(f"{p}.init_method_std", self.init_method_std)
-        _fraction(f"{p}.hidden_dropout", self.hidden_dropout)
-        _fraction(f"{p}.attention_dropout", self.attention_dropout)
-        _one_of(f"{p}.spec", self.spec, ("auto", "local", "te"))
-        if not self.family:
-            raise ConfigError(f"{p}.family: expected a family name, got ''")
+from engine.config.model import ModelConfig, MoEConfig, RopeScaling  # noqa: F401
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -238,9 +56,9 @@ class ParallelConfig:
     def __post_init__(self):
         p = "parallel"
         for name in ("tp", "pp", "ep", "cp", "dp"):
-            _at_least(f"{p}.{name}", getattr(self, name), 1)
+            at_least(f"{p}.{name}", getattr(self, name), 1)
         if self.vpp is not None:
-            _at_least(f"{p}.vpp", self.vpp, 2)  # one chunk per rank is "no virtual pipeline": null
+            at_least(f"{p}.vpp", self.vpp, 2)  # one chunk per rank is "no virtual pipeline": null
             if self.pp <= 1:
                 raise ConfigError(
                     f"{p}.vpp={self.vpp} requires {p}.pp > 1 (interleaved schedule), "
@@ -255,135 +73,8 @@ class ParallelConfig:
             raise ConfigError(f"{p}.overlap_param_gather requires {p}.distributed_optimizer: true")
         if self.overlap_param_gather and not self.overlap_grad_reduce:
             raise ConfigError(f"{p}.overlap_param_gather requires {p}.overlap_grad_reduce: true")
-        _one_of(f"{p}.backend", self.backend, ("auto", "gloo", "nccl"))
+        one_of(f"{p}.backend", self.backend, ("auto", "gloo", "nccl"))
 
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class BlendEntry:
-    """One weighted dataset of `data.blend` (or `data.replay.blend`), YAML `{path, weight, name}`;
-    DataConfig checks it."""
-
-    path: str
-    """Path prefix of a megatron IndexedDataset (the `.bin`/`.idx` pair without extension)."""
-    weight: float = 1.0
-    """Relative sampling weight; finite and > 0 (weights are normalized over the blend)."""
-    name: str | None = None
-    """The source's name in token accounting (TensorBoard `tokens/source/<name>`,
-    `tokens/fraction/<name>`, checkpoints); null = the last component of `path`. Names are
-    unique over data.blend and data.replay.blend."""
-
-
-def source_name(entry: BlendEntry) -> str:
-    """The name `entry` is counted under: its `name`, else the last component of its path."""
-    return entry.name or entry.path.rstrip("/").rsplit("/", 1)[-1]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ReplayConfig:
-    """Key `data.replay`: general (pretraining-like) data mixed into every global batch of a
-    continual-pretraining run, against forgetting (Ibrahim et al. 2024, arXiv 2403.08763 §5).
-
-    Each global batch of G samples holds exactly round(fraction x G) replay samples (halves up),
-    spread evenly over its positions, so its content does not depend on TP/PP/DP; the replay
-    samples come from this blend, the others from data.blend."""
-
-    blend: tuple[BlendEntry, ...]
-    """The replay datasets, a list of `{path, weight, name}` like data.blend."""
-    fraction: float
-    """Share of every global batch's samples taken from the replay blend, in (0, 1)."""
-
-    def samples_per_batch(self, global_batch_size: int) -> int:
-        """round(fraction x global_batch_size), halves up: the replay samples of every batch."""
-        return math.floor(self.fraction * global_batch_size + 0.5)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ValidSet:
-    """One named validation dataset; YAML writes `data.valid` as a mapping `name: path`."""
-
-    name: str
-    """Name of the validation set, used in log lines and TensorBoard tags."""
-    path: str
-    """Path prefix of its megatron IndexedDataset."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DataConfig:
-    """Key `data`: what the model trains and evaluates on."""
-
-    blend: tuple[BlendEntry, ...] = ()
-    """Training datasets, a list of `{path, weight}`; may be empty only when synthetic."""
-    valid: tuple[ValidSet, ...] = field(default=(), metadata={"yaml": "name_to_path"})
-    """Validation datasets; in YAML a mapping `name: path prefix`, kept in file order."""
-    seq_length: int = 2048
-    """Tokens per training sample."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank."""
-    cache_dir: str | None = None
-    """Where dataset index caches go; null = next to the data (megatron's default)."""
-    synthetic: bool = False
-    """Train on random tokens (benchmarks, smoke tests); the blend is then ignored."""
-    replay: ReplayConfig | None = None
-    """Replay of general data in every global batch, `{blend, fraction}`; null = none."""
-
-    def __post_init__(self):
-        p = "data"
-        if not self.blend and not self.synthetic:
-            raise ConfigError(
-                f"{p}.blend: expected at least one {{path, weight}} entry "
-                f"(or {p}.synthetic: true), got []"
-            )
-        _check_blend(f"{p}.blend", self.blend)
-        if self.replay is not None:
-            if self.synthetic:
-                raise ConfigError(f"{p}.replay needs real data, but {p}.synthetic is true")
-            if not self.replay.blend:
-                raise ConfigError(f"{p}.replay.blend: expected at least one {{path, weight}} "
-                                  "entry, got []")
-            _check_blend(f"{p}.replay.blend", self.replay.blend)
-            _fraction(f"{p}.replay.fraction", self.replay.fraction, open_low=True)
-        seen: dict[str, str] = {}
-        for key, entry in _sources(self):
-            name = source_name(entry)
-            if name in seen:
-                raise ConfigError(f"{key}: source name {name!r} is also {seen[name]}'s; "
-                                  f"give one of them a distinct `name`")
-            seen[name] = key
-        names = [v.name for v in self.valid]
-        for v in self.valid:
-            if names.count(v.name) > 1:
-                raise ConfigError(f"{p}.valid: name {v.name!r} appears {names.count(v.name)} times")
-            if not v.path:
-                raise ConfigError(f"{p}.valid.{v.name}: expected a path prefix, got ''")
-        _at_least(f"{p}.seq_length", self.seq_length, 1)
-        _at_least(f"{p}.num_workers", self.num_workers, 0)
-
-
-def _check_blend(key: str, blend: tuple[BlendEntry, ...]) -> None:
-    for i, entry in enumerate(blend):
-        if not entry.path:
-            raise ConfigError(f"{key}[{i}].path: expected a path prefix, got ''")
-        if not (math.isfinite(entry.weight) and entry.weight > 0.0):
-            raise ConfigError(
-                f"{key}[{i}].weight: expected a finite number > 0, got {entry.weight}")
-        if entry.name is not None and not entry.name:
-            raise ConfigError(f"{key}[{i}].name: expected a name or null, got ''")
-
-
-def _sources(data: DataConfig) -> list[tuple[str, BlendEntry]]:
-    """(recipe key, entry) of every training source: data.blend, then data.replay.blend."""
-    out = [(f"data.blend[{i}]", e) for i, e in enumerate(data.blend)]
-    if data.replay is not None:
-        out += [(f"data.replay.blend[{i}]", e) for i, e in enumerate(data.replay.blend)]
-    return out
-
-
-def source_names(data: DataConfig) -> tuple[str, ...]:
-    """The training sources' names in token-accounting order: data.blend, then the replay blend
-    (data.synthetic: the one source `synthetic`)."""
-    if data.synthetic:
-        return ("synthetic",)
-    return tuple(source_name(e) for _, e in _sources(data))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -396,7 +87,7 @@ class TokenizerConfig:
     """The sentencepiece `.model` file or the HF tokenizer folder; required unless type is none."""
 
     def __post_init__(self):
-        _one_of("tokenizer.type", self.type, ("sentencepiece", "hf", "none"))
+        one_of("tokenizer.type", self.type, ("sentencepiece", "hf", "none"))
         if self.type != "none" and not self.path:
             raise ConfigError(f"tokenizer.path is required when tokenizer.type is {self.type!r}")
 
@@ -442,15 +133,15 @@ class ScheduleConfig:
 
     def __post_init__(self):
         p = "train.schedule"
-        _one_of(f"{p}.style", self.style, ("constant", "linear", "cosine", "wsd"))
-        _at_least(f"{p}.warmup_steps", self.warmup_steps, 0)
-        _at_least(f"{p}.warmup_init_lr", self.warmup_init_lr, 0.0)
-        _at_least(f"{p}.min_lr", self.min_lr, 0.0)
-        _at_least(f"{p}.decay_steps", self.decay_steps, 1)
-        _at_least(f"{p}.wsd_decay_steps", self.wsd_decay_steps, 1)
-        _at_least(f"{p}.cooldown_steps", self.cooldown_steps, 0)
-        _at_least(f"{p}.constant_lr", self.constant_lr, 0.0)
-        _at_least(f"{p}.decay_start", self.decay_start, 0)
+        one_of(f"{p}.style", self.style, ("constant", "linear", "cosine", "wsd"))
+        at_least(f"{p}.warmup_steps", self.warmup_steps, 0)
+        at_least(f"{p}.warmup_init_lr", self.warmup_init_lr, 0.0)
+        at_least(f"{p}.min_lr", self.min_lr, 0.0)
+        at_least(f"{p}.decay_steps", self.decay_steps, 1)
+        at_least(f"{p}.wsd_decay_steps", self.wsd_decay_steps, 1)
+        at_least(f"{p}.cooldown_steps", self.cooldown_steps, 0)
+        at_least(f"{p}.constant_lr", self.constant_lr, 0.0)
+        at_least(f"{p}.decay_start", self.decay_start, 0)
         for name in ("wsd_decay_steps", "cooldown_steps", "constant_lr", "decay_start",
                      "decay_file"):
             if getattr(self, name) not in (None, 0) and self.style != "wsd":
@@ -517,17 +208,17 @@ class TrainConfig:
 
     def __post_init__(self):
         p = "train"
-        _at_least(f"{p}.steps", self.steps, 0)
+        at_least(f"{p}.steps", self.steps, 0)
         for name in ("micro_batch_size", "exit_interval", "global_batch_size", "eval_interval",
                      "eval_steps", "recompute_num_layers", "eval_interval_early",
                      "eval_early_steps"):
-            _at_least(f"{p}.{name}", getattr(self, name), 1)
-        _at_least(f"{p}.seed", self.seed, 0)
-        _one_of(f"{p}.precision", self.precision, ("fp32", "bf16", "fp16"))
+            at_least(f"{p}.{name}", getattr(self, name), 1)
+        at_least(f"{p}.seed", self.seed, 0)
+        one_of(f"{p}.precision", self.precision, ("fp32", "bf16", "fp16"))
         if self.fp8 is not None:
-            _one_of(f"{p}.fp8", self.fp8, ("hybrid", "e4m3"))
-        _one_of(f"{p}.fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
-        _one_of(f"{p}.recompute", self.recompute, ("none", "selective", "full"))
+            one_of(f"{p}.fp8", self.fp8, ("hybrid", "e4m3"))
+        one_of(f"{p}.fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
+        one_of(f"{p}.recompute", self.recompute, ("none", "selective", "full"))
         s = self.schedule
         if s.warmup_steps > self.steps:
             raise ConfigError(
@@ -580,14 +271,14 @@ class OptimConfig:
 
     def __post_init__(self):
         p = "optim"
-        _one_of(f"{p}.name", self.name, ("adam", "sgd"))
-        _positive_float(f"{p}.lr", self.lr)
-        _at_least(f"{p}.weight_decay", self.weight_decay, 0.0)
-        _fraction(f"{p}.adam_beta1", self.adam_beta1)
-        _fraction(f"{p}.adam_beta2", self.adam_beta2)
-        _positive_float(f"{p}.adam_eps", self.adam_eps)
-        _at_least(f"{p}.clip_grad", self.clip_grad, 0.0)
-        _fraction(f"{p}.sgd_momentum", self.sgd_momentum)
+        one_of(f"{p}.name", self.name, ("adam", "sgd"))
+        positive_float(f"{p}.lr", self.lr)
+        at_least(f"{p}.weight_decay", self.weight_decay, 0.0)
+        fraction(f"{p}.adam_beta1", self.adam_beta1)
+        fraction(f"{p}.adam_beta2", self.adam_beta2)
+        positive_float(f"{p}.adam_eps", self.adam_eps)
+        at_least(f"{p}.clip_grad", self.clip_grad, 0.0)
+        fraction(f"{p}.sgd_momentum", self.sgd_momentum)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -615,9 +306,9 @@ class CheckpointConfig:
 
     def __post_init__(self):
         p = "checkpoint"
-        _one_of(f"{p}.optim_sharding", self.optim_sharding, ("dp_reshardable", "fully_reshardable"))
-        _at_least(f"{p}.save_interval", self.save_interval, 1)
-        _at_least(f"{p}.keep_last", self.keep_last, 1)
+        one_of(f"{p}.optim_sharding", self.optim_sharding, ("dp_reshardable", "fully_reshardable"))
+        at_least(f"{p}.save_interval", self.save_interval, 1)
+        at_least(f"{p}.keep_last", self.keep_last, 1)
         if self.save is None:
             for name in ("save_interval", "keep_last"):
                 if getattr(self, name) is not None:
@@ -644,9 +335,9 @@ class LoggingConfig:
     consecutive log intervals (router collapse)."""
 
     def __post_init__(self):
-        _at_least("logging.log_interval", self.log_interval, 1)
-        _at_least("logging.moe_collapse_intervals", self.moe_collapse_intervals, 1)
-        _one_of("logging.level", self.level, ("debug", "info", "warning", "error"))
+        at_least("logging.log_interval", self.log_interval, 1)
+        at_least("logging.moe_collapse_intervals", self.moe_collapse_intervals, 1)
+        one_of("logging.level", self.level, ("debug", "info", "warning", "error"))
         if self.stage == "":
             raise ConfigError("logging.stage: expected a name or null, got ''")
 
