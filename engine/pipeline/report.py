@@ -9,8 +9,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from engine.pipeline.config import Pipeline, Stage
 from engine.pipeline.stages import done, output
 
@@ -47,19 +45,20 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def read_curve(pipe: Pipeline, stage: Stage) -> Curve:
+    from engine.checkpoint.io import find_checkpoint, read_train_state
+    from engine.config.loader import load_recipe
     from engine.train.flops import flops_per_token
 
     d = pipe.stage_dir(stage.name)
-    recipe = yaml.safe_load((d / "recipe.yaml").read_text())
-    train, data = recipe["train"], recipe["data"]
-    from engine.config.loader import recipe_from_dict
-
-    r = recipe_from_dict(recipe, str(d / "recipe.yaml"))
+    r = load_recipe(d / "recipe.yaml")
+    seq = r.data.seq_length
+    # samples per step from what the run consumed (the global batch depends on the DP size)
+    ckpt = find_checkpoint(output(pipe, stage))
+    state = read_train_state(ckpt) if ckpt is not None else None
+    samples = state.consumed_samples // state.step if state and state.step else \
+        r.train.global_batch_size or r.train.micro_batch_size
     vocab = r.model.vocab_size or _tokenizer_vocab(r)
-    gbs = train.get("global_batch_size") or train["micro_batch_size"]
-    curve = Curve(stage, gbs * data["seq_length"], flops_per_token(r.model, vocab,
-                                                                   data["seq_length"]),
-                  train["steps"])
+    curve = Curve(stage, samples * seq, flops_per_token(r.model, vocab, seq), r.train.steps)
     scalars = read_scalars(d / "tensorboard") if (d / "tensorboard").is_dir() else {}
     curve.train = scalars.get("train/loss", [])
     for tag, points in scalars.items():
@@ -68,7 +67,7 @@ def read_curve(pipe: Pipeline, stage: Stage) -> Curve:
             curve.valid[parts[1]] = points
     record = d / "stage.json"
     if record.is_file():
-        curve.seconds = sum(r["seconds"] for r in json.loads(record.read_text())["runs"])
+        curve.seconds = sum(run["seconds"] for run in json.loads(record.read_text())["runs"])
     return curve
 
 
