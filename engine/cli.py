@@ -1,7 +1,8 @@
 """`engine <command>`: a table of commands, each a function taking argv and returning an exit code.
 
 User errors (bad recipe, data, checkpoint) end as one line on stderr, `error: ...`, exit code 2;
-under torchrun only rank 0 prints it (every rank has the same error), but every rank exits 2.
+under torchrun rank 0 prints it (every rank usually has the same error; another rank prints its
+own only if it is still running after a grace period), and every rank exits 2.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ import argparse
 import logging
 import os
 import sys
+import time
 import warnings
+
+ERROR_GRACE_S = 5.0
+"""How long a rank other than 0 waits before reporting a user error (see `main`)."""
 
 
 def torch_cuda_available() -> bool:
@@ -142,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except _user_errors() as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if rank != "0":
+            # Every rank usually meets the same error: let rank 0 say it. Exiting at once could
+            # make torchrun kill rank 0 before it printed (seen under Slurm); a rank that is
+            # still alive after the grace period met an error of its own and says it.
+            time.sleep(ERROR_GRACE_S)
+        print(f"error: {err}" if rank == "0" else f"error (rank {rank}): {err}", file=sys.stderr)
         return 2
