@@ -286,7 +286,8 @@ def _set(ctx: _Context, data: dict, key: str, value: object, text: str) -> None:
 
 # --- public API ----------------------------------------------------------------------------------
 
-def _read_yaml(path: Path) -> dict:
+def read_recipe_yaml(path: Path) -> dict:
+    """A recipe file as plain data, or one ConfigError line naming the file and the problem."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -333,7 +334,7 @@ def load_recipe(path: str | Path | Sequence[str | Path], overrides: Sequence[str
         raise TypeError("overrides must be a sequence of 'key=value' strings, not one string")
     data: dict = {}
     for p in paths:
-        data = _merge(data, _read_yaml(p))
+        data = _merge(data, read_recipe_yaml(p))
     ctx = _Context(" + ".join(str(p) for p in paths))
     for text in overrides:
         _apply_override(ctx, data, text)

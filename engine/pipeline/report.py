@@ -220,20 +220,20 @@ def write_report(pipe: Pipeline) -> Path:
     growth = growth_steps(pipe)
     comps = comparisons(pipe, curves)
     plots = draw(pipe, curves, growth, comps, out)
+    names = _valid_names(curves)
     lines = [f"# {pipe.name}", "",
              "| stage | kind | from | status | steps | tokens | wall time | train loss | "
-             + " | ".join(f"valid {v}" for v in _valid_names(curves)) + " |",
-             "|" + "---|" * (8 + len(_valid_names(curves)))]
+             + " | ".join(f"valid {v}" for v in names) + " |",
+             "|" + "---|" * (8 + len(names))]
     for s in pipe.stages:
         c = curves.get(s.name)
         status = "done" if done(pipe, s) else "not done"
         src = (s.source or "") + (" (shape only)" if s.init == "random" and s.source else "")
         if c is None:
             lines.append(f"| {s.name} | {s.kind} | {s.source or ''} | {status} |||||"
-                         + "|" * len(_valid_names(curves)))
+                         + "|" * len(names))
             continue
-        valids = [_fmt(c.valid[v][-1][1]) if c.valid.get(v) else "—"
-                  for v in _valid_names(curves)]
+        valids = [_fmt(c.valid[v][-1][1]) if c.valid.get(v) else "—" for v in names]
         lines.append(f"| {s.name} | train | {src} | {status} | {c.steps} | {c.tokens:,} | "
                      f"{_fmt(c.seconds, '.0f')} s | "
                      f"{_fmt(c.train[-1][1]) if c.train else '—'} | " + " | ".join(valids) + " |")

@@ -7,11 +7,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from engine.checkpoint.io import find_checkpoint, read_train_state
 from engine.config.errors import ConfigError
-from engine.config.loader import apply_overrides, dump_recipe, recipe_from_dict
+from engine.config.loader import apply_overrides, dump_recipe, read_recipe_yaml, recipe_from_dict
 from engine.config.recipe import Recipe
 from engine.pipeline.config import Pipeline, Stage
 
@@ -40,7 +38,7 @@ def stage_recipe(pipe: Pipeline, stage: Stage) -> Recipe | None:
     if stage.kind != "train":
         return None
     base = Path(pipe.recipe)
-    data = apply_overrides(yaml.safe_load(base.read_text()), pipe.overrides,
+    data = apply_overrides(read_recipe_yaml(base), pipe.overrides,
                            f"{base} + pipeline overrides")
     checkpoint = {"save": str(output(pipe, stage)), "load": None, "pretrained": None}
     if stage.source is not None:
@@ -49,7 +47,7 @@ def stage_recipe(pipe: Pipeline, stage: Stage) -> Recipe | None:
         if src is None:
             raise ConfigError(f"stage {stage.name}: its source {stage.source} has no output "
                               f"yet ({output(pipe, src_stage)}); run that stage first")
-        data["model"] = yaml.safe_load((src / "recipe.yaml").read_text())["model"]
+        data["model"] = read_recipe_yaml(src / "recipe.yaml")["model"]
         if stage.init == "pretrained":
             checkpoint["pretrained"] = str(output(pipe, src_stage))
     data = apply_overrides(data, stage.overrides, f"{pipe.name}: stage {stage.name}")
