@@ -55,6 +55,12 @@ def test_library_is_built_where_it_can_be():
     assert ops.cpu_isa() == want
 
 
+def _python(script: str, **env: str) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter (the op library loads once per process)."""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=120)
+
+
 def test_references_run_unbuilt_and_say_so_once():
     script = (
         "import logging, torch\n"
@@ -66,9 +72,7 @@ def test_references_run_unbuilt_and_say_so_once():
         "    assert torch.equal(fused_rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5))\n"
         "    assert torch.equal(fused_swiglu(x), swiglu(x))\n"
     )
-    env = {**os.environ, "ENGINE_DISABLE_CSRC": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = _python(script, ENGINE_DISABLE_CSRC="1")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "using the PyTorch reference" in line]
     assert len(lines) == 2, proc.stderr  # one per op, not one per call
@@ -98,7 +102,5 @@ def test_baseline_isa_build_matches_the_references():
         "h, W, tg = x[:, :16].contiguous(), torch.randn(70, 16), torch.randint(0, 70, (33,))\n"
         "close(fce(h, W, tg, rows=8), ce(h, W, tg))\n"
     )
-    env = {**os.environ, "ENGINE_CPU_ISA": "base", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = _python(script, ENGINE_CPU_ISA="base")
     assert proc.returncode == 0, proc.stderr[-3000:]
