@@ -25,13 +25,14 @@ def torch_cuda_available() -> bool:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from engine.checkpoint.io import CheckpointError
+    from engine.checkpoint import CheckpointError
     from engine.config.errors import ConfigError
     from engine.convert import ConvertError
     from engine.data import DataError
+    from engine.models.vocab import VocabError
     from engine.upcycle import UpcycleError
 
-    return ConfigError, DataError, CheckpointError, ConvertError, UpcycleError
+    return ConfigError, DataError, CheckpointError, ConvertError, UpcycleError, VocabError
 
 
 def train_main(argv: list[str]) -> int:
@@ -47,7 +48,7 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
     from engine.config.loader import load_recipe
-    from engine.train.distributed import destroy_distributed
+    from engine.distributed import destroy_distributed
     from engine.train.loop import train
 
     recipe = load_recipe(args.config, args.overrides)
@@ -60,76 +61,61 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-def _data_command(name: str):
-    def run(argv: list[str]) -> int:
-        from engine.data import cli
+def dispatch(prog: str, commands: dict, argv: list[str]) -> int:
+    """Run `commands[argv[0]]` (each `name: (function(argv) -> exit code, one-line
+    description)`); with no or an unknown command, or -h/--help, print every command with its
+    description (exit 0 for help, 2 otherwise)."""
+    if argv and argv[0] in commands:
+        return commands[argv[0]][0](argv[1:])
+    asked = bool(argv) and argv[0] in ("-h", "--help")
+    width = max(map(len, commands))
+    lines = [f"usage: {prog} <command> [options]   ({prog} <command> --help for its options)",
+             "", "commands:"] + [f"  {name:<{width}}  {about}"
+                                 for name, (_, about) in commands.items()]
+    if argv and not asked:
+        lines.insert(0, f"{prog}: unknown command {argv[0]!r}")
+    print("\n".join(lines), file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2
 
-        return getattr(cli, name)(argv)
+
+def _lazy(module: str, function: str):
+    """A command whose module is imported when it runs (megatron and torch load only then)."""
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(argv)
 
     return run
 
 
-def _tokenizer_main(argv: list[str]) -> int:
-    if not argv or argv[0] != "train":
-        print(
-            "usage: engine tokenizer train --input ... --model-prefix P --vocab-size N",
-            file=sys.stderr,
-        )
-        return 2
-    return _data_command("tokenizer_train_main")(argv[1:])
-
-
-def _convert_main(argv: list[str]) -> int:
-    from engine.convert.cli import convert_main
-
-    return convert_main(argv)
-
-
-def _bench_main(argv: list[str]) -> int:
-    from engine.bench.cli import main
-
-    return main(argv)
-
-
-def _upcycle_main(argv: list[str]) -> int:
-    """`engine upcycle scale-up|scale-out ...`."""
-    from engine.upcycle.scale_out_cli import scale_out_main
-
-    commands = {"scale-out": scale_out_main}
-    try:
-        from engine.upcycle.cli import UPCYCLE_COMMANDS
-        commands.update(UPCYCLE_COMMANDS)
-    except ImportError:
-        pass
-    if not argv or argv[0] not in commands:
-        print(f"usage: engine upcycle {{{','.join(sorted(commands))}}} ...", file=sys.stderr)
-        return 2
-    return commands[argv[0]](argv[1:])
-
-
-def _pipeline_main(argv: list[str]) -> int:
-    from engine.pipeline.cli import pipeline_main
-
-    return pipeline_main(argv)
-
+TOKENIZER_COMMANDS = {
+    "train": (_lazy("engine.data.cli", "tokenizer_train_main"),
+              "train a sentencepiece BPE tokenizer on jsonl/txt files"),
+}
 
 COMMANDS = {
-    "train": train_main,
-    "preprocess": _data_command("preprocess_main"),
-    "tokenizer": _tokenizer_main,
-    "corpus": _data_command("corpus_main"),
-    "convert": _convert_main,
-    "upcycle": _upcycle_main,
-    "bench": _bench_main,
-    "pipeline": _pipeline_main,
+    "train": (train_main, "train or continue training a model from a recipe (torchrun-ready)"),
+    "preprocess": (_lazy("engine.data.cli", "preprocess_main"),
+                   "tokenize jsonl/txt files into megatron .bin/.idx datasets"),
+    "tokenizer": (lambda argv: dispatch("engine tokenizer", TOKENIZER_COMMANDS, argv),
+                  "tokenizer tools: train"),
+    "corpus": (_lazy("engine.data.cli", "corpus_main"),
+               "write a demo corpus (shakespeare, stdlib) as jsonl train/valid files"),
+    "convert": (_lazy("engine.convert.cli", "convert_main"),
+                "HF import (hf-to-engine), export (engine-to-hf) and verify"),
+    "upcycle": (_lazy("engine.upcycle.cli", "upcycle_main"),
+                "EfficientScale: scale-up (grow a dense model), scale-out (dense -> MoE)"),
+    "bench": (_lazy("engine.bench.cli", "main"),
+              "throughput benchmarks: train, compare, kernels, sweep, collect"),
+    "pipeline": (_lazy("engine.pipeline.cli", "pipeline_main"),
+                 "multi-stage runs (train, grow, export): run, report, submit to Slurm"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(f"usage: engine {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] not in COMMANDS:
+        return dispatch("engine", COMMANDS, argv)
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(
         level=logging.INFO if rank0 else logging.WARNING,
@@ -145,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core 0.16.1 calls torch.distributed's *_tensor collectives, deprecated in torch 2.13.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return dispatch("engine", COMMANDS, argv)
     except _user_errors() as err:
         rank = os.environ.get("RANK", "0")
         if rank != "0":

@@ -22,7 +22,7 @@ from engine.bench.row import BenchRow
 from engine.bench.train import make_row, peak_memory_gib, time_steps
 from engine.config.errors import ConfigError
 from engine.config.recipe import Recipe
-from engine.models.build import model_vocab_size
+from engine.models.vocab import padded_vocab_size
 from engine.train.batches import SyntheticDataset, collate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -44,13 +44,16 @@ def _check(recipe: Recipe, system: str) -> None:
 
 
 def _vocab(recipe: Recipe) -> int:
-    """The padded vocabulary: model.vocab_size, or the recipe tokenizer's."""
-    tokenizer_vocab = None
-    if recipe.model.vocab_size is None and recipe.tokenizer.type != "none":
+    """The padded vocabulary (engine.models.vocab) of model.vocab_size, or the recipe
+    tokenizer's."""
+    vocab = recipe.model.vocab_size
+    if vocab is None:
+        if recipe.tokenizer.type == "none":
+            raise ConfigError("model.vocab_size is required when tokenizer.type is none")
         from engine.data.tokenizer import load_tokenizer
 
-        tokenizer_vocab = load_tokenizer(recipe.tokenizer.type, recipe.tokenizer.path).vocab_size
-    return model_vocab_size(recipe, tokenizer_vocab)
+        vocab = load_tokenizer(recipe.tokenizer.type, recipe.tokenizer.path).vocab_size
+    return padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tp)
 
 
 def _batches(recipe: Recipe, vocab: int, steps: int, device):
@@ -119,7 +122,8 @@ def run_transformers(recipe: Recipe, *, steps: int, warmup: int, peak: Peak) -> 
             return model(input_ids=batch["tokens"], labels=batch["tokens"]).loss
 
     times, losses = _loop(recipe, model, loss_of, step_batches, steps=steps, warmup=warmup)
-    return make_row(recipe, system="transformers", vocab_size=vocab, layout="single process",
+    return make_row(recipe, system="transformers", padded_vocab_size=vocab,
+                    layout="single process",
                     devices=1, global_batch=global_batch, micro_batch=micro, steps=steps,
                     warmup=warmup, times=times, losses=losses, peak=peak,
                     memory=peak_memory_gib(), kernels="-")
@@ -179,7 +183,8 @@ def run_megatron(recipe: Recipe, *, steps: int, warmup: int, peak: Peak) -> Benc
         times, losses = _loop(recipe, model, loss_of, step_batches, steps=steps, warmup=warmup)
     finally:
         ps.destroy_model_parallel()
-    return make_row(recipe, system="megatron-core", vocab_size=vocab, layout="single process",
+    return make_row(recipe, system="megatron-core", padded_vocab_size=vocab,
+                    layout="single process",
                     devices=1, global_batch=global_batch, micro_batch=micro, steps=steps,
                     warmup=warmup, times=times, losses=losses, peak=peak,
                     memory=peak_memory_gib(), kernels="-")

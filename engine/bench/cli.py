@@ -21,8 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-SUBCOMMANDS = ("train", "compare", "kernels", "sweep", "collect")
-
 
 def _load(config: str | None, overrides: list[str]):
     from engine.config.loader import load_recipe
@@ -194,10 +192,16 @@ def collect_main(argv: list[str]) -> int:
     return 0
 
 
+COMMANDS = {
+    "train": (train_main, "time real training steps of a recipe (any layout) as one row"),
+    "compare": (compare_main, "the engine vs transformers vs megatron-core on one shape"),
+    "kernels": (kernels_main, "each fused kernel vs its reference: speed and max error"),
+    "sweep": (sweep_main, "one `bench train` per layout, rows merged into a table"),
+    "collect": (collect_main, "merge row JSON files into one table"),
+}
+
+
 def main(argv: list[str]) -> int:
-    commands = {"train": train_main, "compare": compare_main, "kernels": kernels_main,
-                "sweep": sweep_main, "collect": collect_main}
-    if not argv or argv[0] not in commands:
-        print(f"usage: engine bench {{{','.join(SUBCOMMANDS)}}} ...", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return commands[argv[0]](argv[1:])
+    from engine.cli import dispatch
+
+    return dispatch("engine bench", COMMANDS, argv)

@@ -102,10 +102,10 @@ def throughput(step_times: list[float], *, tokens_per_step: int, devices: int,
     }
 
 
-def model_name(model, vocab_size: int, params: int) -> str:
+def model_name(model, padded_vocab_size: int, params: int) -> str:
     groups = model.num_query_groups or model.num_attention_heads
     return (f"{model.family} L{model.num_layers} H{model.hidden_size} F{model.ffn_hidden_size} "
-            f"A{model.num_attention_heads}/{groups} V{vocab_size} ({params / 1e6:.1f}M)")
+            f"A{model.num_attention_heads}/{groups} V{padded_vocab_size} ({params / 1e6:.1f}M)")
 
 
 def _fmt(value) -> str:

@@ -81,19 +81,20 @@ def device_label() -> str:
     return f"cpu ({n} thread{'s' if n != 1 else ''})"
 
 
-def make_row(recipe: Recipe, *, system: str, vocab_size: int, layout: str, devices: int,
+def make_row(recipe: Recipe, *, system: str, padded_vocab_size: int, layout: str, devices: int,
              global_batch: int, micro_batch: int, steps: int, warmup: int, times: list[float],
              losses: list[float], peak: Peak, memory: tuple[float, str], kernels: str) -> BenchRow:
     m, seq = recipe.model, recipe.data.seq_length
-    params = count_parameters(m, vocab_size).total
+    vocab = padded_vocab_size
+    params = count_parameters(m, vocab).total
     return BenchRow(
-        system=system, model=model_name(m, vocab_size, params), layout=layout, devices=devices,
+        system=system, model=model_name(m, vocab, params), layout=layout, devices=devices,
         device=device_label(), precision=recipe.train.fp8 and "fp8" or recipe.train.precision,
         global_batch=global_batch, micro_batch=micro_batch, seq_length=seq, steps=steps,
         warmup=warmup,
         **throughput(times, tokens_per_step=global_batch * seq, devices=devices,
-                     flops_per_token=flops_per_token(m, vocab_size, seq),
-                     flops_per_token_megatron=flops_per_token(m, vocab_size, seq,
+                     flops_per_token=flops_per_token(m, vocab, seq),
+                     flops_per_token_megatron=flops_per_token(m, vocab, seq,
                                                               convention="megatron"),
                      peak_tflops=peak.tflops),
         peak_source=peak.source, peak_memory_gib=memory[0], memory_kind=memory[1],
@@ -132,8 +133,8 @@ def _mean_over_ranks(value: float) -> float:
 def run_engine(recipe: Recipe, *, steps: int, warmup: int, peak: Peak | None = None) -> BenchRow:
     """Time `recipe` (already a `bench_recipe`) on this rank's part of the layout; every rank
     returns the same row. Peak: measured by every rank at once (CPU) and averaged, unless given."""
+    from engine.distributed import destroy_parallel_state, init_distributed
     from engine.models.spec import resolve_spec
-    from engine.train.distributed import destroy_parallel_state, init_distributed
     from engine.train.session import build_session
     from engine.train.step import train_step
 
@@ -159,7 +160,7 @@ def run_engine(recipe: Recipe, *, steps: int, warmup: int, peak: Peak | None = N
         memory, kind = peak_memory_gib()
         spec = resolve_spec(recipe.model.spec, fp8=recipe.train.fp8)
         return make_row(
-            recipe, system="engine", vocab_size=session.vocab_size,
+            recipe, system="engine", padded_vocab_size=session.padded_vocab_size,
             layout=_layout_name(layout, recipe.parallel.sequence_parallel),
             devices=layout.world_size, global_batch=layout.global_batch_size,
             micro_batch=layout.micro_batch_size, steps=steps, warmup=warmup,

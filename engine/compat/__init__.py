@@ -4,6 +4,6 @@
 when CUDA is available. `self_test()` fails loudly when a patched megatron-core internal moved.
 """
 
-from engine.compat.cpu import apply, gloo_config_overrides, is_applied, self_test
+from engine.compat.cpu import apply, is_applied, self_test
 
-__all__ = ["apply", "gloo_config_overrides", "is_applied", "self_test"]
+__all__ = ["apply", "is_applied", "self_test"]

@@ -329,12 +329,10 @@ def _patch_distributed_optimizer_torch_state():
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
-def gloo_config_overrides() -> dict:
-    """TransformerConfig fields that must change on gloo.
-
-    Interleaved pipeline parallelism with batch_p2p_comm=True swaps messages on gloo and gives
-    wrong numbers without an error (measured with megatron-core 0.16.1)."""
-    return {"batch_p2p_comm": False}
+BATCH_P2P_ON_GLOO = False
+"""TransformerConfig.batch_p2p_comm on gloo (engine.models.build): interleaved pipeline
+parallelism with batched p2p swaps messages on gloo and gives wrong numbers without an error
+(measured with megatron-core 0.16.1); tests/dist/worker.py sets it to show the trap."""
 
 
 def is_applied() -> bool:

@@ -27,7 +27,7 @@ from engine.config.recipe import (
     TrainConfig,
     ValidSet,
 )
-from engine.config.validate import Layout, padded_vocab_size, validate
+from engine.config.validate import Layout, validate
 
 __all__ = [
     "BlendEntry",
@@ -47,7 +47,6 @@ __all__ = [
     "ValidSet",
     "dump_recipe",
     "load_recipe",
-    "padded_vocab_size",
     "recipe_from_dict",
     "recipe_to_dict",
     "validate",

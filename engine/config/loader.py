@@ -379,10 +379,16 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return _to_plain(recipe, {})
 
 
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The recipe as YAML text, every field written: the one serialization of a recipe (files,
+    checkpoints, pipeline stages), read back by `recipe_from_dict(yaml.safe_load(text))`."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=False)
+
+
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the recipe as YAML to `path` atomically: a temporary file in the folder, renamed."""
     path = Path(path)
-    text = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=False)
+    text = recipe_to_yaml(recipe)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -38,7 +38,8 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel size (expert_model_parallel_size); must divide the data-parallel size."""
     cp: int = 1
-    """Context-parallel size (context_parallel_size)."""
+    """Context-parallel size (context_parallel_size); only 1 until context parallelism is
+    implemented (validation refuses more)."""
     dp: int | None = None
     """Data-parallel size; null = world_size / (tp * pp * cp); when set, checked against it."""
     sequence_parallel: bool = False

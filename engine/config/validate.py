@@ -1,6 +1,6 @@
 """Cross-section rules of a recipe, in one place, and the parallel layout they imply.
 
-Owns `validate(recipe, world_size) -> Layout` and `padded_vocab_size`. Each rule raises a one-line
+Owns `validate(recipe, world_size) -> Layout`. Each rule raises a one-line
 ConfigError that shows every factor it multiplied, like torchtitan's `ParallelDims`. Pure: imports
 neither torch nor megatron, reads no environment; the world size is an argument.
 """
@@ -35,18 +35,6 @@ class Layout:
     """Samples per optimizer step: num_microbatches * micro_batch_size * dp."""
     num_microbatches: int
     """Microbatches each data-parallel rank accumulates per optimizer step."""
-    padded_vocab_size: int | None
-    """Embedding rows after megatron's padding; None while the tokenizer gives the vocabulary."""
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """`vocab_size` rounded up to a multiple of divisible_by * tp, as megatron pads the embedding
-    (megatron/training/tokenizer `_vocab_size_with_padding`), so each TP shard is equally sized."""
-    for name, value in (("vocab_size", vocab_size), ("divisible_by", divisible_by), ("tp", tp)):
-        if value < 1:
-            raise ConfigError(f"padded_vocab_size: {name}: expected >= 1, got {value}")
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def _require(ok: bool, message: str) -> None:
@@ -112,9 +100,10 @@ def _check_sequence(recipe: Recipe) -> None:
     _require(seq <= model.max_position_embeddings,
              f"data.seq_length={seq} exceeds model.max_position_embeddings="
              f"{model.max_position_embeddings}")
-    if par.cp > 1:  # megatron splits the sequence into 2*cp chunks to balance causal attention
-        _require(seq % (2 * par.cp) == 0,
-                 f"data.seq_length={seq} must be divisible by 2*cp={2 * par.cp} (cp={par.cp})")
+    # Nothing splits a batch per context-parallel rank yet and the CPU attention has no CP path
+    # (the long-context issue adds both): refuse it here rather than crash inside the model.
+    _require(par.cp == 1, f"parallel.cp={par.cp}: context parallelism is not implemented yet; "
+                          "use parallel.cp=1")
     if par.sequence_parallel:
         per_cp_rank = seq // par.cp
         _require(per_cp_rank % par.tp == 0,
@@ -122,14 +111,10 @@ def _check_sequence(recipe: Recipe) -> None:
                  f"with parallel.sequence_parallel (seq_length={seq}, cp={par.cp})")
 
 
-def _check_vocab(recipe: Recipe) -> int | None:
-    model = recipe.model
-    if model.vocab_size is None:
+def _check_vocab(recipe: Recipe) -> None:
+    if recipe.model.vocab_size is None:
         _require(recipe.tokenizer.type != "none",
                  "model.vocab_size is required when tokenizer.type is 'none'")
-        return None
-    return padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by,
-                             recipe.parallel.tp)
 
 
 def _num_microbatches(recipe: Recipe, dp: int) -> tuple[int, int]:
@@ -191,11 +176,11 @@ def _layout(recipe: Recipe, world_size: int) -> Layout:
     dp = _data_parallel_size(recipe, world_size)
     _check_model_split(recipe)
     _check_sequence(recipe)
-    vocab = _check_vocab(recipe)
+    _check_vocab(recipe)
     gbs, num_microbatches = _num_microbatches(recipe, dp)
     _check_training(recipe)
     _check_replay(recipe, gbs)
     par = recipe.parallel
     return Layout(world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp, cp=par.cp, ep=par.ep,
                   dp=dp, micro_batch_size=recipe.train.micro_batch_size, global_batch_size=gbs,
-                  num_microbatches=num_microbatches, padded_vocab_size=vocab)
+                  num_microbatches=num_microbatches)

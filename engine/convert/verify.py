@@ -1,5 +1,6 @@
-"""`engine convert verify`: the same tokens through transformers and through the engine; how far
-apart are the logits? Max/mean absolute difference, KL(HF || engine) per token, top-1 agreement.
+"""`engine convert verify`: the same tokens through transformers and through the engine, both in
+fp32; how far apart are the logits? Judged by engine.models.measure's rule (relative to the
+logits' scale, against sqrt(eps) of fp32), with max/mean |Δlogit|, KL and top-1 agreement.
 
 Compared over the real vocabulary (the engine's padded rows are not tokens). Random token ids
 from a fixed seed; sequences of 256 tokens by default, because a wrong RoPE layout barely shows
@@ -13,44 +14,30 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.checkpoint.unsharded import assign, forward_logits, read_unsharded, single_process_model
 from engine.convert import ConvertError
-from engine.convert.engine_model import checkpoint_vocab, engine_model
-from engine.convert.exporter import load_checkpoint_recipe
+from engine.models.measure import LogitDiff, compare_logits
+
+COMPUTE = torch.float32
+"""Both models run in fp32: transformers' Llama keeps parts of its arithmetic in fp32 (RMSNorm,
+RoPE) whatever the model's dtype, so fp64 would not be tighter."""
 
 
-@dataclass(frozen=True, slots=True)
-class LogitDiff:
-    max_abs: float
-    mean_abs: float
-    kl: float
-    """Mean over tokens of KL(HF || engine), in nats."""
-    top1: float
-    """Fraction of positions where both pick the same most likely token."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VerifyOptions:
+    """`engine convert verify` options (also an export stage's `args`)."""
 
-    def line(self) -> str:
-        return (f"max_abs {self.max_abs:.3e} | mean_abs {self.mean_abs:.3e} | "
-                f"kl {self.kl:.3e} | top1 {self.top1:.4f}")
-
-
-def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> LogitDiff:
-    """Both [batch, seq, vocab] over the same vocabulary, compared in fp64."""
-    ref, cand = reference.double(), candidate.double()
-    diff = (ref - cand).abs()
-    log_p, log_q = ref.log_softmax(-1), cand.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-    top1 = (ref.argmax(-1) == cand.argmax(-1)).double().mean()
-    return LogitDiff(diff.max().item(), diff.mean().item(), kl.item(), top1.item())
+    seq: int = 256
+    """Tokens per random sequence."""
+    batch: int = 2
+    """Random sequences."""
+    rtol: float | None = None
+    """Largest max |logit difference| / max |logit| allowed (default: sqrt(eps) of fp32,
+    engine.models.measure)."""
 
 
 def random_tokens(vocab_size: int, *, batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def engine_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits [b, s, padded vocab] of an unsharded (TP=PP=1) engine model."""
-    position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
-    with torch.no_grad():
-        return model(tokens, position_ids, None).float()
 
 
 def parallel_logits(chunks: list[torch.nn.Module], tokens: torch.Tensor) -> torch.Tensor | None:
@@ -86,7 +73,7 @@ def hf_logits(hf_dir: str | os.PathLike, tokens: torch.Tensor) -> torch.Tensor:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ConvertError("verify needs transformers: pip install '.[hf]'") from None
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=COMPUTE)
     model.eval()
     with torch.no_grad():
         return model(tokens).logits.float()
@@ -94,14 +81,11 @@ def hf_logits(hf_dir: str | os.PathLike, tokens: torch.Tensor) -> torch.Tensor:
 
 def verify(hf_dir: str | os.PathLike, ckpt: str | os.PathLike, *, seq: int = 256,
            batch: int = 2, seed: int = 0) -> LogitDiff:
-    ckpt_dir, recipe = load_checkpoint_recipe(ckpt)
-    vocab = recipe.model.vocab_size
+    model = read_unsharded(ckpt)
+    vocab = model.recipe.model.vocab_size
     tokens = random_tokens(vocab, batch=batch, seq=seq, seed=seed)
     reference = hf_logits(hf_dir, tokens)
-    from engine.checkpoint import load_weights
-
-    with engine_model(recipe, vocab_size=checkpoint_vocab(ckpt_dir, recipe)) as model:
-        load_weights(ckpt_dir, [model])
-        ours = engine_logits(model, tokens)
-    return compare_logits(reference, ours[..., :vocab])
-
+    with single_process_model(model.recipe, model.padded_vocab_size, dtype=COMPUTE) as engine:
+        assign(engine, model.state)
+        ours = forward_logits(engine, tokens)
+    return compare_logits(reference, ours, vocab_size=vocab, dtype=COMPUTE)

@@ -10,33 +10,30 @@ import contextlib
 
 import torch
 
-from engine.config.recipe import Recipe
-from engine.config.validate import Layout, padded_vocab_size
+from engine.config.recipe import ParallelConfig, Recipe
+from engine.config.validate import Layout
 from engine.models import get_family
 from engine.models.spec import decoder_block_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def model_vocab_size(recipe: Recipe, tokenizer_vocab_size: int | None) -> int:
-    """The embedding's row count: model.vocab_size (or the tokenizer's), padded megatron's way."""
-    vocab = recipe.model.vocab_size or tokenizer_vocab_size
-    if vocab is None:
-        from engine.config.errors import ConfigError
-
-        raise ConfigError("model.vocab_size is required when tokenizer.type is none")
-    return padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tp)
-
-
-def transformer_config(recipe: Recipe, layout: Layout, *, on_cpu: bool, extra: dict | None = None):
+def transformer_config(recipe: Recipe, layout: Layout, *, on_cpu: bool, gloo: bool,
+                       perform_initialization: bool = True, dtype: torch.dtype | None = None):
     """megatron-core TransformerConfig for this recipe and layout.
 
-    `extra` carries backend-specific overrides (the compat layer's gloo settings)."""
+    on_cpu: initialize on the CPU generator and leave out the kernels that need CUDA (TE, apex,
+    jit fusions). gloo: the process group is gloo (engine.compat: batched p2p gives wrong
+    numbers there). perform_initialization=False leaves the weights uninitialized (they are
+    loaded or assigned after). dtype: parameters and activations in another dtype than the
+    recipe's precision (float64 for the invariant checks of engine.checkpoint.unsharded)."""
     from megatron.core.transformer import TransformerConfig
+
+    from engine.compat import cpu as compat_cpu
 
     m, par, train = recipe.model, recipe.parallel, recipe.train
     family = get_family(m.family)
-    dtype = DTYPES[train.precision]
+    dtype = dtype or DTYPES[train.precision]
     recompute = (
         {}
         if train.recompute == "none"
@@ -49,7 +46,7 @@ def transformer_config(recipe: Recipe, layout: Layout, *, on_cpu: bool, extra: d
             ),
         }
     )
-    kwargs = dict(
+    return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -82,7 +79,7 @@ def transformer_config(recipe: Recipe, layout: Layout, *, on_cpu: bool, extra: d
         calculate_per_token_loss=True,
         # CPU: initialize full weights on the CPU generator; kernels below need CUDA (TE/apex/jit).
         use_cpu_initialization=on_cpu,
-        perform_initialization=True,
+        perform_initialization=perform_initialization,
         bias_activation_fusion=not on_cpu,
         bias_dropout_fusion=not on_cpu,
         masked_softmax_fusion=not on_cpu,
@@ -90,31 +87,41 @@ def transformer_config(recipe: Recipe, layout: Layout, *, on_cpu: bool, extra: d
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
+        batch_p2p_comm=compat_cpu.BATCH_P2P_ON_GLOO if gloo else True,
         **({"fp8": train.fp8, "fp8_recipe": train.fp8_recipe} if train.fp8 else {}),
         **recompute,
-        **moe_kwargs(m.moe, tp_with_sp=layout.tp if par.sequence_parallel else 1),
+        **moe_kwargs(m.moe, aux_loss_scale=moe_aux_loss_scale(par)),
     )
-    kwargs.update(extra or {})
-    return TransformerConfig(**kwargs)
 
 
-def moe_kwargs(moe, *, tp_with_sp: int = 1) -> dict:
-    """`model.moe` in megatron-core's TransformerConfig names.
+def moe_aux_loss_scale(parallel: ParallelConfig) -> int:
+    """How much smaller than one process's the MoE auxiliary-loss gradients come out: tp under
+    sequence parallelism, else 1.
 
-    With sequence parallelism megatron-core 0.16.1 computes the load-balancing and z-losses on each
-    tensor-parallel rank's share of the tokens and, under per-token loss scaling, their gradients
-    come out 1/tp of the single-process ones (measured: tp=2 with coefficients x2 reproduces tp=1
-    to 1e-7). The coefficients are multiplied by tp here, so every layout optimizes the recipe's
-    objective."""
+    megatron-core 0.16.1 computes the load-balancing loss on each tensor-parallel rank's share
+    of the tokens under sequence parallelism, and with calculate_per_token_loss scales it by that
+    rank's local token count (megatron/core/transformer/moe/router.py,
+    `TopKRouter.attach_and_log_load_balancing_loss`; likewise the z-loss in
+    `TopKRouter.apply_z_loss`, whose coefficient it also divides by the TP size), while
+    `finalize_model_grads` divides by all the tokens: measured, tp=2 with both coefficients x2
+    reproduces tp=1 to 1e-7. The coefficients are multiplied by this factor (`moe_kwargs`) and
+    the logged per-rank load-balancing losses likewise (engine.train.moe_metrics), so every
+    layout optimizes and reports the recipe's objective."""
+    return parallel.tp if parallel.sequence_parallel else 1
+
+
+def moe_kwargs(moe, *, aux_loss_scale: int = 1) -> dict:
+    """`model.moe` in megatron-core's TransformerConfig names, the auxiliary-loss coefficients
+    multiplied by `moe_aux_loss_scale`."""
     if moe is None:
         return {}
-    z_loss = moe.z_loss_coeff * tp_with_sp if moe.z_loss_coeff is not None else None
+    z_loss = moe.z_loss_coeff * aux_loss_scale if moe.z_loss_coeff is not None else None
     return dict(
         num_moe_experts=moe.num_experts, moe_router_topk=moe.topk,
         moe_ffn_hidden_size=moe.ffn_hidden_size, moe_router_pre_softmax=moe.router_pre_softmax,
         moe_router_score_function=moe.router_score_function,
         moe_router_load_balancing_type=moe.load_balancing,
-        moe_aux_loss_coeff=moe.aux_loss_coeff * tp_with_sp,
+        moe_aux_loss_coeff=moe.aux_loss_coeff * aux_loss_scale,
         moe_z_loss_coeff=z_loss, moe_expert_capacity_factor=moe.capacity_factor,
         moe_token_dispatcher_type=moe.token_dispatcher, moe_layer_freq=moe.layer_freq,
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
@@ -139,7 +146,8 @@ def _check_rope_scaling(scaling) -> None:
             )
 
 
-def build_model(recipe: Recipe, tc, *, vocab_size: int, spec: str) -> list[torch.nn.Module]:
+def build_model(recipe: Recipe, tc, *, padded_vocab_size: int,
+                spec: str) -> list[torch.nn.Module]:
     """One GPTModel chunk per virtual pipeline stage of this rank (one chunk without VPP)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -165,7 +173,7 @@ def build_model(recipe: Recipe, tc, *, vocab_size: int, spec: str) -> list[torch
                 model_class(
                     config=tc,
                     transformer_layer_spec=decoder_block_spec(tc, spec, vp, fused=fused),
-                    vocab_size=vocab_size,
+                    vocab_size=padded_vocab_size,
                     max_sequence_length=m.max_position_embeddings,
                     pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                     post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),

@@ -47,6 +47,11 @@ class Family:
     """Constant HF config entries written on export."""
     hf_moe: HFMoEKeys | None = None
     """Mixture-of-experts families: their HF config keys; None = dense."""
+    moe_family: str | None = None
+    """Dense families: the family a mixture of experts upcycled from it (Scale-Out) belongs to,
+    when HF has one that holds it exactly (Llama, Mistral -> Mixtral: the same attention, every
+    MLP a top-k-then-softmax MoE); None = none (Qwen2-MoE always has a shared expert, which
+    upcycling does not make): the MoE keeps the dense family's name and cannot be exported."""
     normalization: str = "RMSNorm"
     """megatron-core `TransformerConfig.normalization`."""
     gated_linear_unit: bool = True

@@ -17,10 +17,11 @@ from engine.models.family import Family, HFMoEKeys
 from engine.models.weights import LLAMA_DROPPED, llama_weights, mixtral_weights, qwen2_moe_weights
 
 LLAMA = Family(name="llama", hf_architectures=("LlamaForCausalLM",), hf_model_type="llama",
-               weights=llama_weights(), dropped=LLAMA_DROPPED)
+               weights=llama_weights(), dropped=LLAMA_DROPPED, moe_family="mixtral")
 
 MISTRAL = Family(name="mistral", hf_architectures=("MistralForCausalLM",),
-                 hf_model_type="mistral", weights=llama_weights(), dropped=LLAMA_DROPPED)
+                 hf_model_type="mistral", weights=llama_weights(), dropped=LLAMA_DROPPED,
+                 moe_family="mixtral")
 
 QWEN2 = Family(name="qwen2", hf_architectures=("Qwen2ForCausalLM",), hf_model_type="qwen2",
                weights=llama_weights(), dropped=LLAMA_DROPPED, qkv_bias=True,

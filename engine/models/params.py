@@ -40,8 +40,10 @@ def _mlp(model: ModelConfig, layer: int, gated: bool) -> tuple[int, int]:
     return moe.num_experts * expert + router + shared, moe.topk * expert + router + shared
 
 
-def count_parameters(model: ModelConfig, vocab_size: int, *, gated: bool = True) -> ParamCount:
-    """Exact parameter count of a Llama-family decoder with `vocab_size` (already padded) rows."""
+def count_parameters(model: ModelConfig, padded_vocab_size: int, *,
+                     gated: bool = True) -> ParamCount:
+    """Exact parameter count of a Llama-family decoder with `padded_vocab_size` embedding
+    rows (engine.models.vocab)."""
     h = model.hidden_size
     heads = model.num_attention_heads
     groups = model.num_query_groups or heads
@@ -54,7 +56,7 @@ def count_parameters(model: ModelConfig, vocab_size: int, *, gated: bool = True)
         mlp_all, mlp_active = _mlp(model, layer, gated)
         layers += attention + biases + 2 * h + mlp_all
         active += attention + mlp_active
-    embedding = vocab_size * h
+    embedding = padded_vocab_size * h
     return ParamCount(
         embedding=embedding,
         output=0 if model.share_embeddings_and_output_weights else embedding,

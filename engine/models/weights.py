@@ -1,9 +1,11 @@
-"""HF <-> megatron weight layouts: the map record and its transforms, in inverse pairs.
+"""HF <-> megatron weight layouts: the map record and its transforms, in inverse pairs, and
+megatron's state-dict names.
 
 Targets are the keys of a megatron-core GPTModel's state dict at TP=1/PP=1 (local spec); its
 `sharded_state_dict` turns them into layout-independent checkpoint keys, so these maps never see
-tensor or pipeline parallelism. Each `to_engine` has a `to_hf` that undoes it exactly; the tests
-check the round trip bit for bit. Pure: tensors and the model shape in, tensors out.
+tensor or pipeline parallelism. The names are spelled here once (the constants below); the tables
+and the upcycling math use the constants. Each `to_engine` has a `to_hf` that undoes it exactly;
+the tests check the round trip bit for bit. Pure: tensors and the model shape in, tensors out.
 """
 
 from __future__ import annotations
@@ -14,6 +16,40 @@ from dataclasses import dataclass
 import torch
 
 from engine.config.recipe import ModelConfig
+from engine.models.vocab import pad_vocab, repad_vocab, trim_vocab
+
+# megatron GPTModel state-dict names (TP=1). Whole-model tensors:
+EMBEDDING = "embedding.word_embeddings.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+OUTPUT = "output_layer.weight"
+"""Absent when the output layer is tied to the embedding."""
+VOCAB_TENSORS = (EMBEDDING, OUTPUT)
+"""The tensors with one row per (padded) vocabulary entry."""
+LAYER = "decoder.layers.{i}"
+# ... and within layer {i} (after `LAYER.`):
+INPUT_NORM = "input_layernorm.weight"
+QKV = "self_attention.linear_qkv.weight"
+QKV_BIAS = "self_attention.linear_qkv.bias"
+PROJ = "self_attention.linear_proj.weight"
+MLP_NORM = "pre_mlp_layernorm.weight"
+FC1 = "mlp.linear_fc1.weight"
+"""SwiGLU [gate; up]."""
+FC2 = "mlp.linear_fc2.weight"
+ROUTER = "mlp.router.weight"
+EXPERT_FC1 = "mlp.experts.local_experts.{e}.linear_fc1.weight"
+EXPERT_FC2 = "mlp.experts.local_experts.{e}.linear_fc2.weight"
+SHARED_EXPERT = "mlp.shared_experts"
+
+
+def layer_key(i: int, name: str, **slots) -> str:
+    """The full name of tensor `name` of layer `i` (slots fill e.g. `{e}`)."""
+    return f"{LAYER.format(i=i)}.{name.format(**slots) if slots else name}"
+
+
+def resize_vocab(state: dict, vocab_size: int, padded_vocab_size: int) -> dict:
+    """A state dict whose vocabulary tensors carry `padded_vocab_size` rows (same tokens)."""
+    return {k: repad_vocab(v, vocab_size, padded_vocab_size) if k in VOCAB_TENSORS else v
+            for k, v in state.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,19 +100,14 @@ def split_gate_up(fc1: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, ...]:
     return gate.contiguous(), up.contiguous()
 
 
-def pad_vocab(weight: torch.Tensor, shape: Shape) -> torch.Tensor:
-    """Embedding/output rows padded with zeros to the padded vocabulary (TP needs equal shards).
-
-    Real tokens' logits do not depend on the padded rows; the padded tokens get logit 0."""
-    extra = shape.padded_vocab_size - weight.shape[0]
-    if extra < 0:
-        raise ValueError(f"vocabulary of {weight.shape[0]} rows exceeds the padded size "
-                         f"{shape.padded_vocab_size}")
-    return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])]) if extra else weight
+def _pad_vocab(weight: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """HF rows -> the padded rows (engine.models.vocab's rule; real tokens' logits do not depend
+    on the padding rows, which get logit 0)."""
+    return pad_vocab(weight, shape.padded_vocab_size)
 
 
-def trim_vocab(weight: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, ...]:
-    return (weight[: shape.model.vocab_size].contiguous(),)
+def _trim_vocab(weight: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, ...]:
+    return (trim_vocab(weight, shape.model.vocab_size),)
 
 
 def _identity_to_engine(t: torch.Tensor, shape: Shape) -> torch.Tensor:
@@ -120,26 +151,27 @@ def is_moe_layer(model: ModelConfig, layer: int) -> bool:
     return model.moe is not None and layer % model.moe.layer_freq == 0
 
 
+def _layer(name: str) -> str:
+    return f"{LAYER}.{name}"
+
+
 def llama_weights() -> tuple[WeightMap, ...]:
     """The Llama layout (HF `LlamaForCausalLM` names), shared by every Llama-like family."""
     attn, mlp = "model.layers.{i}.self_attn", "model.layers.{i}.mlp"
-    layer = "decoder.layers.{i}"
     return (
-        WeightMap(("model.embed_tokens.weight",), "embedding.word_embeddings.weight",
-                  pad_vocab, trim_vocab),
-        WeightMap(("model.layers.{i}.input_layernorm.weight",), f"{layer}.input_layernorm.weight"),
+        WeightMap(("model.embed_tokens.weight",), EMBEDDING, _pad_vocab, _trim_vocab),
+        WeightMap(("model.layers.{i}.input_layernorm.weight",), _layer(INPUT_NORM)),
         WeightMap((f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"),
-                  f"{layer}.self_attention.linear_qkv.weight", fuse_qkv, split_qkv),
+                  _layer(QKV), fuse_qkv, split_qkv),
         WeightMap((f"{attn}.q_proj.bias", f"{attn}.k_proj.bias", f"{attn}.v_proj.bias"),
-                  f"{layer}.self_attention.linear_qkv.bias", fuse_qkv, split_qkv, "qkv_bias"),
-        WeightMap((f"{attn}.o_proj.weight",), f"{layer}.self_attention.linear_proj.weight"),
-        WeightMap(("model.layers.{i}.post_attention_layernorm.weight",),
-                  f"{layer}.pre_mlp_layernorm.weight"),
-        WeightMap((f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"),
-                  f"{layer}.mlp.linear_fc1.weight", fuse_gate_up, split_gate_up, layers="dense"),
-        WeightMap((f"{mlp}.down_proj.weight",), f"{layer}.mlp.linear_fc2.weight", layers="dense"),
-        WeightMap(("model.norm.weight",), "decoder.final_layernorm.weight"),
-        WeightMap(("lm_head.weight",), "output_layer.weight", pad_vocab, trim_vocab, "untied"),
+                  _layer(QKV_BIAS), fuse_qkv, split_qkv, "qkv_bias"),
+        WeightMap((f"{attn}.o_proj.weight",), _layer(PROJ)),
+        WeightMap(("model.layers.{i}.post_attention_layernorm.weight",), _layer(MLP_NORM)),
+        WeightMap((f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"), _layer(FC1),
+                  fuse_gate_up, split_gate_up, layers="dense"),
+        WeightMap((f"{mlp}.down_proj.weight",), _layer(FC2), layers="dense"),
+        WeightMap(("model.norm.weight",), FINAL_NORM),
+        WeightMap(("lm_head.weight",), OUTPUT, _pad_vocab, _trim_vocab, "untied"),
     )
 
 
@@ -147,36 +179,35 @@ LLAMA_DROPPED = ("model.layers.{i}.self_attn.rotary_emb.inv_freq",)
 """HF buffers some checkpoints carry that are not weights (recomputed from the config)."""
 
 
-def _swiglu_maps(hf_prefix: str, engine_prefix: str, names: tuple[str, str, str], **kw):
+def _swiglu_maps(hf_prefix: str, fc1: str, fc2: str, names: tuple[str, str, str], **kw):
     """fc1 = [gate; up] and fc2 = down of one SwiGLU MLP (names: gate, up, down)."""
     gate, up, down = (f"{hf_prefix}.{n}.weight" for n in names)
-    return (WeightMap((gate, up), f"{engine_prefix}.linear_fc1.weight", fuse_gate_up,
-                      split_gate_up, **kw),
-            WeightMap((down,), f"{engine_prefix}.linear_fc2.weight", **kw))
+    return (WeightMap((gate, up), _layer(fc1), fuse_gate_up, split_gate_up, **kw),
+            WeightMap((down,), _layer(fc2), **kw))
 
 
 def mixtral_weights() -> tuple[WeightMap, ...]:
     """Mixtral (Jiang et al. 2024): every layer's MLP is `block_sparse_moe` with experts w1 (gate),
     w3 (up), w2 (down) and a linear router `gate`."""
-    moe, layer = "model.layers.{i}.block_sparse_moe", "decoder.layers.{i}.mlp"
+    moe = "model.layers.{i}.block_sparse_moe"
     return llama_weights() + (
-        WeightMap((f"{moe}.gate.weight",), f"{layer}.router.weight", layers="moe"),
-        *_swiglu_maps(f"{moe}.experts.{{e}}", f"{layer}.experts.local_experts.{{e}}",
-                      ("w1", "w3", "w2"), layers="moe"),
+        WeightMap((f"{moe}.gate.weight",), _layer(ROUTER), layers="moe"),
+        *_swiglu_maps(f"{moe}.experts.{{e}}", EXPERT_FC1, EXPERT_FC2, ("w1", "w3", "w2"),
+                      layers="moe"),
     )
 
 
 def qwen2_moe_weights() -> tuple[WeightMap, ...]:
     """Qwen2-MoE: routed experts, an always-on shared expert scaled by sigmoid(shared_expert_gate)
     and a router `gate`, with HF's usual gate/up/down names."""
-    moe, layer = "model.layers.{i}.mlp", "decoder.layers.{i}.mlp"
+    moe = "model.layers.{i}.mlp"
     names = ("gate_proj", "up_proj", "down_proj")
     return llama_weights() + (
-        WeightMap((f"{moe}.gate.weight",), f"{layer}.router.weight", layers="moe"),
-        *_swiglu_maps(f"{moe}.experts.{{e}}", f"{layer}.experts.local_experts.{{e}}", names,
-                      layers="moe"),
-        *_swiglu_maps(f"{moe}.shared_expert", f"{layer}.shared_experts", names, layers="moe",
+        WeightMap((f"{moe}.gate.weight",), _layer(ROUTER), layers="moe"),
+        *_swiglu_maps(f"{moe}.experts.{{e}}", EXPERT_FC1, EXPERT_FC2, names, layers="moe"),
+        *_swiglu_maps(f"{moe}.shared_expert", f"{SHARED_EXPERT}.linear_fc1.weight",
+                      f"{SHARED_EXPERT}.linear_fc2.weight", names, layers="moe",
                       when="shared_expert"),
-        WeightMap((f"{moe}.shared_expert_gate.weight",), f"{layer}.shared_experts.gate_weight",
+        WeightMap((f"{moe}.shared_expert_gate.weight",), _layer(f"{SHARED_EXPERT}.gate_weight"),
                   layers="moe", when="shared_expert_gate"),
     )

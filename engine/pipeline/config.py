@@ -8,14 +8,16 @@ overrides: {parallel.tp: 1}          # ... with these dotted overrides
 nproc: 1                             # processes per train stage (torchrun), unless the stage says
 stages:
   - {name: pretrain, kind: train, overrides: {train.steps: 300}}
-  - {name: grow, kind: scale_up, source: pretrain, args: {hidden: 256, layers: 4}}
+  - {name: grow, kind: scale_up, source: pretrain, args: {hidden_size: 256, num_layers: 4}}
   - {name: cpt, kind: train, source: grow}                      # weights of `grow`
   - {name: cpt_random, kind: train, source: grow, init: random, baseline_for: cpt}
 ```
 
 A train stage with a `source` takes the source's model (its checkpoint's `model` section) and,
 unless `init: random`, its weights (`checkpoint.pretrained`). `baseline_for: S` marks a stage as
-a comparison for stage S (same tokens); the report puts them side by side.
+a comparison for stage S (same tokens); the report puts them side by side. The `args` of the
+other stages are their commands' options by field name (`engine upcycle scale-up --hidden-size`
+is `hidden_size`; engine.upcycle.commands, engine.convert.exporter/verify), checked on load.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from engine.config.errors import ConfigError
+from engine.options import check_known, options_from_dict
 
 KINDS = ("train", "scale_up", "scale_out", "export")
 INITS = ("pretrained", "random")
@@ -49,7 +52,7 @@ class Stage:
     overrides: Mapping = field(default_factory=dict)
     """train: dotted recipe overrides on top of the pipeline's, e.g. {train.steps: 200}."""
     args: Mapping = field(default_factory=dict)
-    """scale_up / scale_out / export: the command's options without dashes, e.g. {hidden: 256}."""
+    """scale_up / scale_out / export: the command's options by name, e.g. {hidden_size: 256}."""
     nproc: int | None = None
     """train: processes (torchrun --nproc-per-node); default the pipeline's `nproc`."""
     baseline_for: str | None = None
@@ -128,6 +131,29 @@ def _check_stage(stage: Stage, earlier: dict[str, Stage], where: str) -> None:
             raise ConfigError(f"{where}.{key}: expected a mapping of option: value")
     if stage.nproc is not None and (not isinstance(stage.nproc, int) or stage.nproc < 1):
         raise ConfigError(f"{where}.nproc: expected a positive integer, got {stage.nproc!r}")
+    if stage.kind != "train":
+        stage_options(stage, f"{where}.args")
+
+
+def _options_classes() -> dict[str, tuple[type, ...]]:
+    from engine.convert.exporter import ExportOptions
+    from engine.convert.verify import VerifyOptions
+    from engine.upcycle.commands import ScaleOutOptions, ScaleUpOptions
+
+    return {"scale_up": (ScaleUpOptions,), "scale_out": (ScaleOutOptions,),
+            "export": (ExportOptions, VerifyOptions)}
+
+
+def stage_options(stage: Stage, where: str):
+    """A non-train stage's `args` as its command's options: ScaleUpOptions, ScaleOutOptions, or
+    (ExportOptions, VerifyOptions) for an export (its keys split between the two commands)."""
+    classes = _options_classes()[stage.kind]
+    if len(classes) == 1:
+        return options_from_dict(classes[0], stage.args, where)
+    names = [[f.name for f in dataclasses.fields(c)] for c in classes]
+    check_known(stage.args, [n for group in names for n in group], where)
+    return tuple(options_from_dict(c, {k: v for k, v in stage.args.items() if k in n}, where)
+                 for c, n in zip(classes, names, strict=True))
 
 
 def pipeline_from_dict(data: object, source: str) -> Pipeline:

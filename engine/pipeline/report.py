@@ -45,8 +45,9 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def read_curve(pipe: Pipeline, stage: Stage) -> Curve:
-    from engine.checkpoint.io import find_checkpoint, read_train_state
+    from engine.checkpoint import find_checkpoint, read_train_state
     from engine.config.loader import load_recipe
+    from engine.models.vocab import padded_vocab_size
     from engine.train.flops import flops_per_token
 
     d = pipe.stage_dir(stage.name)
@@ -58,7 +59,8 @@ def read_curve(pipe: Pipeline, stage: Stage) -> Curve:
     samples = state.consumed_samples // state.step if state and state.step else \
         r.train.global_batch_size or r.train.micro_batch_size
     vocab = r.model.vocab_size or _tokenizer_vocab(r)
-    curve = Curve(stage, samples * seq, flops_per_token(r.model, vocab, seq), r.train.steps)
+    rows = padded_vocab_size(vocab, r.model.make_vocab_size_divisible_by, r.parallel.tp)
+    curve = Curve(stage, samples * seq, flops_per_token(r.model, rows, seq), r.train.steps)
     scalars = read_scalars(d / "tensorboard") if (d / "tensorboard").is_dir() else {}
     curve.train = scalars.get("train/loss", [])
     for tag, points in scalars.items():
@@ -172,20 +174,14 @@ def growth_steps(pipe: Pipeline) -> list[dict]:
         if not path.is_file():
             continue
         rep = json.loads(path.read_text())
-        if s.kind == "scale_up":
-            v = rep["validation"]
-            before, after = v["loss_source"], v["loss_grown"]
-            method = f"scale-up {rep.get('width_method', '')}/{rep.get('depth_method', '')}"
-            exact = rep.get("expected_exact")
-        else:
-            v = rep["invariant"]
-            before, after = v["dense_loss"], v["moe_loss"]
-            method = f"scale-out {rep['target']['num_experts']} experts top-{rep['target']['topk']}"
-            exact = v.get("expected_exact")
-        rows.append({"stage": s.name, "method": method.strip(), "before": before,
-                     "after": after, "change": after - before,
-                     "rel_logit_diff": v.get("max_rel_logit_diff"),
-                     "expected_exact": exact})
+        v, o = rep["invariant"], rep["options"]
+        if v is None:  # measured with --eval-samples 0
+            continue
+        method = (f"scale-up {o['width_method']}/{o['depth_method']}" if s.kind == "scale_up"
+                  else f"scale-out {o['num_experts']} experts top-{o['topk']}")
+        rows.append({"stage": s.name, "method": method, "before": v["loss_source"],
+                     "after": v["loss_target"], "change": v["loss_change"],
+                     "rel_logit_diff": v["max_rel"], "expected_exact": v["expected_exact"]})
     return rows
 
 

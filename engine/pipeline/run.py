@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from engine.pipeline.config import Pipeline, Stage
-from engine.pipeline.stages import done, plan
+from engine.pipeline.stages import done, plan, stale
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ def run_stage(pipe: Pipeline, stage: Stage) -> float:
     p = plan(pipe, stage)
     d = pipe.stage_dir(stage.name)
     d.mkdir(parents=True, exist_ok=True)
+    for path in stale(pipe, stage):  # e.g. an export whose verification failed: redo it
+        log.info("removing %s (stage %s is not done)", path, stage.name)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     start = time.time()
     for command in p.commands:
         rc = _run(command, d / "log.txt")

@@ -3,15 +3,17 @@ the outputs of earlier stages. No process is started here (see run.py)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.checkpoint.io import find_checkpoint, read_train_state
+from engine.checkpoint import find_checkpoint, read_train_state
 from engine.config.errors import ConfigError
 from engine.config.loader import apply_overrides, dump_recipe, read_recipe_yaml, recipe_from_dict
 from engine.config.recipe import Recipe
-from engine.pipeline.config import Pipeline, Stage
+from engine.options import to_argv
+from engine.pipeline.config import Pipeline, Stage, stage_options
 
 ENGINE = [sys.executable, "-m", "engine"]
 UPCYCLE_COMMAND = {"scale_up": "scale-up", "scale_out": "scale-out"}
@@ -58,17 +60,6 @@ def stage_recipe(pipe: Pipeline, stage: Stage) -> Recipe | None:
     return recipe_from_dict(data, f"{pipe.name}: stage {stage.name}")
 
 
-def _options(args) -> list[str]:
-    out = []
-    for key, value in args.items():
-        flag = "--" + str(key).replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value not in (False, None):
-            out += [flag, str(value)]
-    return out
-
-
 def plan(pipe: Pipeline, stage: Stage) -> Plan:
     """The stage's commands (its sources must be done); writes a train stage's recipe."""
     d = pipe.stage_dir(stage.name)
@@ -83,17 +74,35 @@ def plan(pipe: Pipeline, stage: Stage) -> Plan:
             "--nproc-per-node", str(nproc), "-m", "engine"]
         return Plan(stage, ((*launch, "train", "--config", str(path)),), path)
     src = str(output(pipe, pipe.stage(stage.source)))
+    options = stage_options(stage, where=f"{pipe.name}: stage {stage.name}")
     if stage.kind in UPCYCLE_COMMAND:
         return Plan(stage, ((*ENGINE, "upcycle", UPCYCLE_COMMAND[stage.kind], "--ckpt", src,
-                             "--out", str(output(pipe, stage)), *_options(stage.args)),))
-    args = dict(stage.args)
-    verify = {k: args.pop(k) for k in ("tol", "seq", "batch") if k in args}
+                             "--out", str(output(pipe, stage)), *to_argv(options)),))
+    export, verify = options
     return Plan(stage, (
         (*ENGINE, "convert", "engine-to-hf", "--ckpt", src, "--out", str(output(pipe, stage)),
-         *_options(args)),
+         *to_argv(export)),
         (*ENGINE, "convert", "verify", "--hf", str(output(pipe, stage)), "--ckpt", src,
-         "--json", str(d / "verify.json"), *_options(verify)),
+         "--json", str(d / "verify.json"), *to_argv(verify)),
     ))
+
+
+def verified(pipe: Pipeline, stage: Stage) -> bool:
+    """An export stage's verify.json says its logits match (`ok: true`)."""
+    path = pipe.stage_dir(stage.name) / "verify.json"
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("ok") is True
+    except ValueError:
+        return False
+
+
+def stale(pipe: Pipeline, stage: Stage) -> list[Path]:
+    """What a stage that is not done left behind and must go before it runs again: an export's
+    HF directory and verify.json (the export is done only once verified)."""
+    if stage.kind != "export":
+        return []
+    paths = [output(pipe, stage), pipe.stage_dir(stage.name) / "verify.json"]
+    return [p for p in paths if p.exists()]
 
 
 def done(pipe: Pipeline, stage: Stage) -> bool:
@@ -106,5 +115,5 @@ def done(pipe: Pipeline, stage: Stage) -> bool:
         return ckpt is not None and \
             read_train_state(ckpt).step >= stage_recipe(pipe, stage).train.steps
     if stage.kind == "export":
-        return (pipe.stage_dir(stage.name) / "verify.json").is_file()
+        return verified(pipe, stage)
     return find_checkpoint(out) is not None

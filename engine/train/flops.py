@@ -15,9 +15,9 @@ from engine.models.params import count_parameters
 
 
 def flops_per_token(
-    model: ModelConfig, vocab_size: int, seq_length: int, *, convention: str = "palm"
+    model: ModelConfig, padded_vocab_size: int, seq_length: int, *, convention: str = "palm"
 ) -> float:
-    counts = count_parameters(model, vocab_size)
+    counts = count_parameters(model, padded_vocab_size)
     n_matmul = counts.matmul_active + counts.embedding  # the output layer's matmul counts
     head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
     attention = 6 * model.num_layers * 2 * model.num_attention_heads * head_dim * seq_length

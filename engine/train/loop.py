@@ -11,9 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.checkpoint import save_checkpoint
-from engine.config.loader import recipe_to_dict
 from engine.config.recipe import Recipe
-from engine.train.distributed import destroy_parallel_state, init_distributed
+from engine.distributed import destroy_parallel_state, init_distributed, parallel_sizes
 from engine.train.flops import flops_per_token
 from engine.train.metrics import Metrics, TrainRecord
 from engine.train.schedule import end_step, lr_at, wsd_decay_start
@@ -39,12 +38,8 @@ class TrainResult:
     """The last checkpoint saved by this run."""
     stopped: str | None = None
     """Why the run stopped before train.steps on request (engine.train.signals), else None."""
-
-
-def _recipe_yaml(recipe: Recipe) -> str:
-    import yaml
-
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+    layout: dict = field(default_factory=dict)
+    """The layout that ran, read from megatron's parallel state (engine.distributed)."""
 
 
 def _evaluate(session: Session) -> dict[str, float]:
@@ -71,8 +66,8 @@ def _save(session: Session, result: TrainResult) -> None:
         session.chunks,
         session.optimizer,
         session.state,
-        layout=checkpoint_layout(recipe, session.vocab_size),
-        recipe_yaml=_recipe_yaml(recipe),
+        layout=checkpoint_layout(recipe, session.padded_vocab_size),
+        recipe=recipe,
         keep_last=recipe.checkpoint.keep_last,
     )
     log.info("saved checkpoint %s", result.checkpoint)
@@ -167,9 +162,9 @@ def run(session: Session, stop_request: StopRequest | None = None) -> TrainResul
     # purge step, and the checkpoint's own step was logged by the run that saved it.
     metrics = Metrics(recipe.logging.tensorboard_dir, enabled=session.runtime.is_main,
                       purge_step=session.state.step + 1 if session.state.step else None)
-    flops_per_step = flops_per_token(recipe.model, session.vocab_size, seq) * \
+    flops_per_step = flops_per_token(recipe.model, session.padded_vocab_size, seq) * \
         layout.global_batch_size * seq
-    result = TrainResult(final_step=session.state.step)
+    result = TrainResult(final_step=session.state.step, layout=parallel_sizes())
     saved_step = session.state.step if session.resumed_from else None
     if session.state.step == 0:
         _start_stage(session, metrics, result)

@@ -64,13 +64,13 @@ class MoEMonitor:
     """Hooks the routers of `models` (bare GPTModel chunks) and reports at each log step."""
 
     def __init__(self, models, *, num_layers: int, num_experts: int, collapse_intervals: int,
-                 sequence_parallel_size: int = 1):
+                 aux_loss_scale: int = 1):
+        """`aux_loss_scale`: engine.models.build.moe_aux_loss_scale; the logged load-balancing
+        losses are multiplied by it (z-loss is logged as a per-token mean, which it leaves)."""
         from megatron.core.transformer.moe.router import TopKRouter
 
         self.num_layers, self.num_experts, self.k = num_layers, num_experts, collapse_intervals
-        # Under sequence parallelism each tensor-parallel rank's load-balancing loss covers its
-        # share of the tokens (the shares add up to the layer's loss); z-loss is a per-token mean.
-        self.lb_scale = sequence_parallel_size
+        self.lb_scale = aux_loss_scale
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.streak = torch.zeros(num_layers, num_experts, dtype=torch.long)
         self.handles = []

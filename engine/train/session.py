@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from engine import compat
 from engine.checkpoint import (
     CheckpointError,
     SavedLayout,
@@ -20,14 +19,17 @@ from engine.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     load_weights,
+    origin_of,
     read_saved_layout,
     read_train_state,
 )
+from engine.config.errors import ConfigError
 from engine.config.recipe import Recipe, source_names
-from engine.models.build import build_model, model_vocab_size, transformer_config
+from engine.distributed import Runtime
+from engine.models.build import build_model, moe_aux_loss_scale, transformer_config
 from engine.models.spec import resolve_spec
+from engine.models.vocab import VocabError, padded_vocab_size
 from engine.train.batches import MicrobatchPlan, SyntheticDataset
-from engine.train.distributed import Runtime
 from engine.train.stage import current_schedule, resumed_schedule
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,8 @@ class Session:
     train_data: object
     valid_data: dict
     plan: MicrobatchPlan
-    vocab_size: int
+    padded_vocab_size: int
+    """Embedding rows (engine.models.vocab)."""
     state: TrainState
     resumed_from: Path | None = None
     initialized_from: Path | None = None
@@ -145,20 +148,18 @@ def locate_source(recipe: Recipe) -> Source | None:
     return None
 
 
-def padded_vocab(recipe: Recipe, tokenizer_vocab: int | None, source: Source | None) -> int:
-    """The embedding's rows: the checkpoint's when starting from one (its padding was computed
-    for the tp it was saved at), else megatron's padding at this run's tp."""
+def embedding_rows(recipe: Recipe, tokenizer_vocab: int | None, source: Source | None) -> int:
+    """The embedding's rows (engine.models.vocab): the checkpoint's when starting from one (a
+    model keeps the rows it was made with), else megatron's padding at this run's tp."""
+    vocab = recipe.model.vocab_size or tokenizer_vocab
+    if vocab is None:
+        raise ConfigError("model.vocab_size is required when tokenizer.type is none")
     saved = source.layout.padded_vocab_size if source and source.layout else None
-    if saved is None:
-        return model_vocab_size(recipe, tokenizer_vocab)
-    tp = recipe.parallel.tp
-    if saved % tp:
-        raise CheckpointError(f"{source.path}: its embedding has {saved} rows, not divisible by "
-                              f"parallel.tp={tp} (import the HF model again with --tp {tp})")
-    if tokenizer_vocab is not None and tokenizer_vocab > saved:
-        raise CheckpointError(f"{source.path}: its embedding has {saved} rows but the tokenizer "
-                              f"has {tokenizer_vocab} tokens")
-    return saved
+    try:
+        return padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by,
+                                 recipe.parallel.tp, saved=saved)
+    except VocabError as e:
+        raise CheckpointError(f"{source.path}: {e}" if source else str(e)) from None
 
 
 def _restore(recipe: Recipe, source: Source | None, chunks, optimizer, vocab: int):
@@ -208,11 +209,11 @@ def _datasets(recipe: Recipe, runtime: Runtime, tokenizer):
     return mix, valid
 
 
-def checkpoint_layout(recipe: Recipe, padded_vocab_size: int) -> SavedLayout:
+def checkpoint_layout(recipe: Recipe, rows: int) -> SavedLayout:
     return current_layout(
         distributed_optimizer=recipe.parallel.distributed_optimizer,
         optim_sharding=recipe.checkpoint.optim_sharding,
-        padded_vocab_size=padded_vocab_size,
+        padded_vocab_size=rows,
     )
 
 
@@ -227,22 +228,23 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
     resumed = source is not None and source.resume
     schedule = (resumed_schedule(recipe, source.path, read_train_state(source.path))
                 if resumed else current_schedule(recipe))
-    vocab_size = padded_vocab(recipe, tokenizer.vocab_size if tokenizer else None, source)
+    rows = embedding_rows(recipe, tokenizer.vocab_size if tokenizer else None, source)
     # Data first: a bad path or a corrupt .idx fails in seconds, before the model is built.
     train_data, valid_data = _datasets(recipe, runtime, tokenizer)
     spec = resolve_spec(recipe.model.spec, fp8=recipe.train.fp8)
-    extra = compat.gloo_config_overrides() if runtime.backend == "gloo" else {}
-    tc = transformer_config(recipe, runtime.layout, on_cpu=runtime.on_cpu, extra=extra)
-    models = build_model(recipe, tc, vocab_size=vocab_size, spec=spec)
+    tc = transformer_config(recipe, runtime.layout, on_cpu=runtime.on_cpu,
+                            gloo=runtime.backend == "gloo")
+    models = build_model(recipe, tc, padded_vocab_size=rows, spec=spec)
     if not runtime.on_cpu:
         models = [m.to(runtime.device) for m in models]
     chunks = _wrap_ddp(recipe, tc, models)
     optimizer = _optimizer(recipe, tc, chunks)
     _hook_schedules(recipe, tc, chunks, optimizer)
-    state = _restore(recipe, source, chunks, optimizer, vocab_size)
+    state = _restore(recipe, source, chunks, optimizer, rows)
     if state is None:  # a new stage: from scratch or from checkpoint.pretrained
         state = TrainState(step=0, consumed_samples=0, consumed_tokens=0, schedule=schedule,
-                           earlier_stages=completed_stages(source.path) if source else [])
+                           earlier_stages=completed_stages(source.path) if source else [],
+                           origin=origin_of(source.path) if source else None)
     state = replace(state, schedule=schedule, stage=recipe.logging.stage)
     from megatron.core import parallel_state as ps
 
@@ -255,11 +257,10 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
         monitor = MoEMonitor([getattr(c, "module", c) for c in chunks],
                              num_layers=recipe.model.num_layers, num_experts=moe.num_experts,
                              collapse_intervals=recipe.logging.moe_collapse_intervals,
-                             sequence_parallel_size=recipe.parallel.tp
-                             if recipe.parallel.sequence_parallel else 1)
+                             aux_loss_scale=moe_aux_loss_scale(recipe.parallel))
     return Session(recipe=recipe, runtime=runtime, chunks=chunks, optimizer=optimizer,
                    train_data=train_data, valid_data=valid_data, plan=plan,
-                   vocab_size=vocab_size, state=state,
+                   padded_vocab_size=rows, state=state,
                    resumed_from=source.path if resumed else None,
                    initialized_from=source.path if source and not resumed else None,
                    tokenizer=tokenizer, moe_monitor=monitor)

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.models.weights import FC2, PROJ
+
 DEPTH_METHODS = ("stack", "interpolate", "identity")
 
-ZEROED_IN_IDENTITY = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+ZEROED_IN_IDENTITY = (PROJ, FC2)
 """What an identity block zeroes: o_proj and down_proj (LLaMA-Pro)."""
 
 

@@ -37,16 +37,15 @@ R = E/G copies of the dense FFN ("virtual groups"), top-T routing.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 
 from engine.config.recipe import ModelConfig
+from engine.models.weights import EXPERT_FC1, EXPERT_FC2, FC1, FC2, ROUTER, is_moe_layer, layer_key
 from engine.upcycle import UpcycleError
 
 StateDict = dict[str, torch.Tensor]
-_FFN = re.compile(r"decoder\.layers\.(\d+)\.mlp\.linear_fc([12])\.weight")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -59,8 +58,9 @@ class ScaleOutSpec:
     weight_scaling: str = "auto"
     """auto (He et al. 2024, a^(1/3) on fc1 and fc2) | exact (a on fc2) | none."""
     noise: float = 0.0
-    """Relative std of Gaussian noise added to each expert (x std of the tensor) to break the
-    symmetry between copies; 0 keeps the invariant."""
+    """Std of Gaussian noise added to each expert's weights, relative to the std of the tensor
+    (0.01 = 1%; Scale-Up's `noise` likewise), to break the symmetry between copies; 0 keeps the
+    invariant."""
     seed: int = 0
 
 
@@ -131,30 +131,25 @@ def scale_out(state: StateDict, src: ModelConfig, dst: ModelConfig, *,
     moe, g = dst.moe, spec.granularity
     fc1_scale, fc2_scale = weight_scales(spec, moe)
     gen = torch.Generator().manual_seed(spec.seed)
-    out, layers = {}, {}
-    for key, tensor in state.items():
-        match = _FFN.fullmatch(key)
-        if match is None or int(match[1]) % moe.layer_freq:
-            out[key] = tensor.clone()  # attention, norms, embeddings, dense layers: copied
-            continue
-        if match[2] == "2":
-            continue  # handled with fc1
-        layer = int(match[1])
-        prefix = f"decoder.layers.{layer}.mlp"
-        gate, up = state[f"{prefix}.linear_fc1.weight"].chunk(2, dim=0)
-        down = state[f"{prefix}.linear_fc2.weight"]
+    moe_layers = [i for i in range(src.num_layers) if is_moe_layer(dst, i)]
+    dense_ffn = {layer_key(i, name) for i in moe_layers for name in (FC1, FC2)}
+    # attention, norms, embeddings, the MLPs of dense layers: copied
+    out = {key: tensor.clone() for key, tensor in state.items() if key not in dense_ffn}
+    layers = {}
+    for i in moe_layers:
+        gate, up = state[layer_key(i, FC1)].chunk(2, dim=0)
+        down = state[layer_key(i, FC2)]
         gates, ups, downs = gate.chunk(g, 0), up.chunk(g, 0), down.chunk(g, 1)
         for e in range(moe.num_experts):
             s = e % g
-            expert = f"{prefix}.experts.local_experts.{e}"
-            out[f"{expert}.linear_fc1.weight"] = _noisy(
+            out[layer_key(i, EXPERT_FC1, e=e)] = _noisy(
                 torch.cat([gates[s], ups[s]]) * fc1_scale, spec, gen).contiguous()
-            out[f"{expert}.linear_fc2.weight"] = _noisy(
-                downs[s] * fc2_scale, spec, gen).contiguous()
-        out[f"{prefix}.router.weight"] = _router(moe.num_experts, src.hidden_size, spec,
-                                                 gen).to(gate.dtype)
-        layers[layer] = {"experts": {e: {"shard": e % g, "virtual_group": e // g}
-                                     for e in range(moe.num_experts)}}
+            out[layer_key(i, EXPERT_FC2, e=e)] = _noisy(downs[s] * fc2_scale, spec,
+                                                        gen).contiguous()
+        out[layer_key(i, ROUTER)] = _router(moe.num_experts, src.hidden_size, spec,
+                                            gen).to(gate.dtype)
+        layers[i] = {"experts": {e: {"shard": e % g, "virtual_group": e // g}
+                                 for e in range(moe.num_experts)}}
     record = {"granularity": g, "virtual_groups": moe.num_experts // g,
               "activation_scale": activation_scale(moe, g),
               "weight_scaling": {"mode": spec.weight_scaling, "fc1": fc1_scale, "fc2": fc2_scale},

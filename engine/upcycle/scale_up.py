@@ -2,13 +2,14 @@
 grown wider and deeper into the initialization of a larger one.
 
 `scale_up(state, src, dst, spec=...)` takes an unsharded TP=1 state dict (megatron GPTModel keys,
-as `upcycle.io.read_checkpoint` gives it) and the two model shapes, and returns the grown state
-dict and a `SourceMap` naming the source of every new hidden dimension, FFN neuron, KV group,
-query head and layer. Width first (`width.py`: FPI, AKI, AKI-Pro or exact), on the source layers,
-then depth (`depth.py`: stack, interpolate or identity blocks). Pure: no files, no megatron, no
-process group; the random draws (fresh units, noise) come from one generator seeded by
-`spec.seed`, so the result is a function of its arguments. The embedding keeps its row count;
-the caller pads it for the target's tensor-parallel size (`upcycle.io.fit_vocab`).
+as `engine.checkpoint.unsharded.read_unsharded` gives it) and the two model shapes, and returns
+the grown state dict and a `SourceMap` naming the source of every new hidden dimension, FFN
+neuron, KV group, query head and layer. Width first (`width.py`: FPI, AKI, AKI-Pro or exact),
+on the source layers, then depth (`depth.py`: stack, interpolate or identity blocks). Pure: no
+files, no megatron, no process group; the random draws (fresh units, noise) come from one
+generator seeded by `spec.seed`, so the result is a function of its arguments. The embedding
+keeps its row count; the caller pads it for the target's tensor-parallel size
+(`engine.models.weights.resize_vocab`).
 
 Invariants, each with its test in tests/unit/upcycle/test_scale_up.py: FPI at integer ratios and
 exact at any ratio leave the logits unchanged (fp64 reference forward); identity blocks leave
@@ -22,7 +23,20 @@ from dataclasses import dataclass
 import torch
 
 from engine.config.recipe import ModelConfig
-from engine.models.weights import Shape
+from engine.models.weights import (
+    EMBEDDING,
+    FC1,
+    FC2,
+    FINAL_NORM,
+    INPUT_NORM,
+    MLP_NORM,
+    OUTPUT,
+    PROJ,
+    QKV,
+    QKV_BIAS,
+    Shape,
+    layer_key,
+)
 from engine.upcycle import UpcycleError
 from engine.upcycle.depth import DEPTH_METHODS, ZEROED_IN_IDENTITY, LayerSource, depth_map
 from engine.upcycle.width import (
@@ -37,8 +51,6 @@ from engine.upcycle.width import (
 
 StateDict = dict[str, torch.Tensor]
 WIDTH_METHODS = ("fpi", "aki", "aki-pro", "exact")
-EMBEDDING, FINAL_NORM, OUTPUT = ("embedding.word_embeddings.weight",
-                                 "decoder.final_layernorm.weight", "output_layer.weight")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,8 +61,9 @@ class ScaleUpSpec:
     """fpi | aki | aki-pro | exact (see width.py)."""
     depth_method: str = "stack"
     """stack | interpolate | identity (see depth.py)."""
-    noise_std: float = 0.0
-    """Std of N(0, std^2) added to the input side of added (copied) units; fpi/aki/aki-pro."""
+    noise: float = 0.0
+    """Std of the noise added to the input side of added (copied) units, relative to the std of
+    the tensor they are in (0.01 = 1%); fpi/aki/aki-pro (width.py)."""
     seed: int = 0
     """Seed of every random draw (the exact method's fresh units, the noise)."""
 
@@ -61,9 +74,9 @@ class ScaleUpSpec:
         if self.depth_method not in DEPTH_METHODS:
             raise UpcycleError(f"depth method {self.depth_method!r}: expected one of "
                                f"{'|'.join(DEPTH_METHODS)}")
-        if not self.noise_std >= 0.0:
-            raise UpcycleError(f"noise: expected a std >= 0, got {self.noise_std}")
-        if self.noise_std and self.width_method == "exact":
+        if not self.noise >= 0.0:
+            raise UpcycleError(f"noise: expected a relative std >= 0, got {self.noise}")
+        if self.noise and self.width_method == "exact":
             raise UpcycleError("noise: the exact method copies no unit (its new units are "
                                "freshly initialized), so there is no symmetry to break; drop it")
 
@@ -103,16 +116,16 @@ def _groups(m: ModelConfig) -> int:
 
 def check_shapes(src: ModelConfig, dst: ModelConfig, spec: ScaleUpSpec) -> None:
     """One-line UpcycleError unless `dst` is a growth of `src` that `spec` can make."""
-    sizes = {"hidden": ("hidden_size", lambda m: m.hidden_size),
-             "ffn": ("ffn_hidden_size", lambda m: m.ffn_hidden_size),
-             "layers": ("num_layers", lambda m: m.num_layers),
-             "heads": ("num_attention_heads", lambda m: m.num_attention_heads),
-             "kv-groups": ("num_query_groups", _groups)}
-    for flag, (key, size) in sizes.items():
+    sizes = {"hidden_size": lambda m: m.hidden_size,
+             "ffn_hidden_size": lambda m: m.ffn_hidden_size,
+             "num_layers": lambda m: m.num_layers,
+             "num_attention_heads": lambda m: m.num_attention_heads,
+             "num_query_groups": _groups}
+    for key, size in sizes.items():
         old, new = size(src), size(dst)
         if new < old:
-            raise UpcycleError(f"--{flag} {new}: Scale-Up only grows; the source has "
-                               f"{key}={old}")
+            raise UpcycleError(f"--{key.replace('_', '-')} {new}: Scale-Up only grows; the "
+                               f"source has {key}={old}")
     if _head_dim(dst) != _head_dim(src):
         raise UpcycleError(f"head width {_head_dim(dst)} != the source's {_head_dim(src)}: heads "
                            "grow in number, not width (the softmax scale 1/sqrt(head_dim) would "
@@ -124,7 +137,7 @@ def check_shapes(src: ModelConfig, dst: ModelConfig, spec: ScaleUpSpec) -> None:
                            f"{new_per} per group, fewer than the source's {old_per}: a KV group "
                            "cannot be shared by fewer heads than before")
     if spec.width_method == "aki-pro" and _groups(dst) != _groups(src):
-        raise UpcycleError(f"--kv-groups {_groups(dst)}: aki-pro keeps the source's "
+        raise UpcycleError(f"--num-query-groups {_groups(dst)}: aki-pro keeps the source's "
                            f"{_groups(src)} KV groups and grows heads inside each (AquilaMoE); "
                            "use aki or fpi to add groups")
     for key in ("add_qkv_bias", "family"):
@@ -141,15 +154,12 @@ def check_shapes(src: ModelConfig, dst: ModelConfig, spec: ScaleUpSpec) -> None:
 def _check_state(state: StateDict, src: ModelConfig) -> None:
     h, f = src.hidden_size, src.ffn_hidden_size
     d, heads, groups = _head_dim(src), src.num_attention_heads, _groups(src)
-    expected = {"input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
-                "self_attention.linear_qkv.weight": ((heads + 2 * groups) * d, h),
-                "self_attention.linear_qkv.bias": ((heads + 2 * groups) * d,),
-                "self_attention.linear_proj.weight": (h, heads * d),
-                "mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc2.weight": (h, f)}
+    expected = {INPUT_NORM: (h,), MLP_NORM: (h,), QKV: ((heads + 2 * groups) * d, h),
+                QKV_BIAS: ((heads + 2 * groups) * d,), PROJ: (h, heads * d),
+                FC1: (2 * f, h), FC2: (h, f)}
     if not src.add_qkv_bias:
-        del expected["self_attention.linear_qkv.bias"]
-    want = {f"decoder.layers.{i}.{k}": s for i in range(src.num_layers)
-            for k, s in expected.items()}
+        del expected[QKV_BIAS]
+    want = {layer_key(i, k): s for i in range(src.num_layers) for k, s in expected.items()}
     rows = state[EMBEDDING].shape[0] if EMBEDDING in state else 0
     want.update({EMBEDDING: (rows, h), FINAL_NORM: (h,)})
     if not src.share_embeddings_and_output_weights:
@@ -174,12 +184,11 @@ def width_plan(src: ModelConfig, dst: ModelConfig, spec: ScaleUpSpec, rows: int)
         groups=axis(_groups(src), _groups(dst)),
         heads_per_group=axis(per(src), per(dst)),
         src=Shape(src, rows), dst=Shape(dst, rows),
-        init_std=dst.init_method_std, noise_std=spec.noise_std)
+        init_std=dst.init_method_std, noise=spec.noise)
 
 
 def _layer(state: StateDict, i: int) -> StateDict:
-    prefix = f"decoder.layers.{i}."
-    return {k: state[prefix + k] for k in LAYER_TENSORS if prefix + k in state}
+    return {k: state[layer_key(i, k)] for k in LAYER_TENSORS if layer_key(i, k) in state}
 
 
 def _grow_width(state: StateDict, src: ModelConfig, plan: WidthPlan,
@@ -224,7 +233,7 @@ def scale_up(state: StateDict, src: ModelConfig, dst: ModelConfig, *,
                 t = torch.zeros_like(t)
             elif source.source in used:
                 t = t.clone()  # a repeated layer trains on its own from here on
-            grown[f"decoder.layers.{target}.{name}"] = t
+            grown[layer_key(target, name)] = t
         used.add(source.source)
     grown = {k: v.to(dtype).contiguous() for k, v in grown.items()}
     return grown, _source_map(plan, spec, src, sources)

@@ -27,9 +27,11 @@ within a group (P -> P' heads per group); query head (g, p) copies (g(g), g(p)).
 - AKI-Pro (AquilaMoE's Scale-Up): AKI with GQA; the number of KV groups stays fixed and query heads
   grow inside each group (P -> P'), each group treated as an MHA block sharing its K/V.
 - Exact (ours): derived in `grow_layer_exact`'s docstring; exact at any ratio.
-- `noise_std` (FPI/AKI/AKI-Pro): every added unit's input side (q/k/v rows of added heads and
-  groups, gate/up rows of added neurons, and the writers of added hidden dimensions: embedding
-  columns, o_proj rows, fc2 rows) gets N(0, noise_std^2) added, so copies stop receiving equal
+- `noise` (FPI/AKI/AKI-Pro), a relative std: every added unit's input side (q/k/v rows of added
+  heads and groups, gate/up rows of added neurons, and the writers of added hidden dimensions:
+  embedding columns, o_proj rows, fc2 rows) gets N(0, (noise * std(W))^2) added, std(W) the
+  standard deviation of the grown tensor W it sits in (as Scale-Out's `noise`), so copies stop
+  receiving equal
   gradients (Net2Net adds noise for the same reason); it changes the function, and the report
   measures by how much.
 """
@@ -41,11 +43,20 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.models.weights import Shape, fuse_qkv, split_qkv
+from engine.models.weights import (
+    FC1,
+    FC2,
+    INPUT_NORM,
+    MLP_NORM,
+    PROJ,
+    QKV,
+    QKV_BIAS,
+    Shape,
+    fuse_qkv,
+    split_qkv,
+)
 
-LAYER_TENSORS = ("input_layernorm.weight", "self_attention.linear_qkv.weight",
-                 "self_attention.linear_qkv.bias", "self_attention.linear_proj.weight",
-                 "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
+LAYER_TENSORS = (INPUT_NORM, QKV, QKV_BIAS, PROJ, MLP_NORM, FC1, FC2)
 """The per-layer tensor names (after `decoder.layers.{i}.`) this module grows; the bias only with
 `add_qkv_bias`."""
 
@@ -99,8 +110,9 @@ class WidthPlan:
     dst: Shape
     init_std: float
     """Std of fresh weights (exact): the target model's init_method_std."""
-    noise_std: float = 0.0
-    """Std of the symmetry-breaking noise on added units (FPI/AKI/AKI-Pro)."""
+    noise: float = 0.0
+    """Std of the symmetry-breaking noise on added units relative to their tensor's std
+    (FPI/AKI/AKI-Pro)."""
 
     @property
     def head_dim(self) -> int:
@@ -131,9 +143,11 @@ def copy_out(cur: torch.Tensor, nxt: torch.Tensor, dim: int, axis: Axis) -> torc
     return torch.where(mask, nxt.index_select(dim, index), cur.index_select(dim, index))
 
 
-def _perturb(w: torch.Tensor, mask: torch.Tensor, std: float, gen: torch.Generator):
-    if std == 0.0 or not bool(mask.any()):
+def _perturb(w: torch.Tensor, mask: torch.Tensor, relative: float, gen: torch.Generator):
+    """`w` + N(0, (relative * std(w))^2) where `mask` is set."""
+    if relative == 0.0 or not bool(mask.any()):
         return w
+    std = relative * w.double().std().item()
     noise = torch.randn(w.shape, generator=gen, dtype=torch.float32).to(w.dtype) * std
     return w + noise * mask.to(w.dtype)
 
@@ -177,18 +191,18 @@ def grow_layer_copying(cur: dict[str, torch.Tensor], nxt: dict[str, torch.Tensor
     H, F, Gx, Px = plan.hidden, plan.ffn, plan.groups, plan.heads_per_group
     added_groups, added_heads = _heads(plan)
     out = {}
-    for name in ("input_layernorm.weight", "pre_mlp_layernorm.weight"):
+    for name in (INPUT_NORM, MLP_NORM):
         out[name] = cur[name].index_select(0, H.index())
-    for name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+    for name in (QKV, QKV_BIAS):
         if name not in cur:
             continue
-        weight = name.endswith("weight")
+        weight = name == QKV
         qc, kc, vc = (split_in(t, -1, H) if weight else t for t in _units(cur[name], plan.src))
         qn, kn, vn = (split_in(t, -1, H) if weight else t for t in _units(nxt[name], plan.src))
         q = copy_out(copy_out(qc, qn, 0, Gx), copy_out(qn, qn, 0, Gx), 1, Px)
         k, v = copy_out(kc, kn, 0, Gx), copy_out(vc, vn, 0, Gx)
         if weight:
-            std = plan.noise_std
+            std = plan.noise
             q = _perturb(q, added_heads[:, :, None, None], std, gen)
             k = _perturb(k, added_groups[:, None, None], std, gen)
             v = _perturb(v, added_groups[:, None, None], std, gen)
@@ -201,12 +215,12 @@ def grow_layer_copying(cur: dict[str, torch.Tensor], nxt: dict[str, torch.Tensor
     def fc1_in(w):  # [gate; up] [2F, h] -> [2, F, h'] with split columns
         return split_in(w.reshape(2, F.old, -1), -1, H)
 
-    pairs = {"self_attention.linear_proj.weight": (proj_in, 0, H),
-             "mlp.linear_fc1.weight": (fc1_in, 1, F),
-             "mlp.linear_fc2.weight": (lambda w: split_in(w, 1, F), 0, H)}
+    pairs = {PROJ: (proj_in, 0, H),
+             FC1: (fc1_in, 1, F),
+             FC2: (lambda w: split_in(w, 1, F), 0, H)}
     for name, (inputs, dim, axis) in pairs.items():
         w = copy_out(inputs(cur[name]), inputs(nxt[name]), dim, axis)
-        w = _perturb(w, _along(axis.added(), dim, w.dim()), plan.noise_std, gen)
+        w = _perturb(w, _along(axis.added(), dim, w.dim()), plan.noise, gen)
         out[name] = w.reshape(-1, w.shape[-1])
     return out
 
@@ -234,14 +248,14 @@ def grow_layer_exact(cur: dict[str, torch.Tensor], plan: WidthPlan,
     H, F, Gx, Px, s, std = plan.hidden, plan.ffn, plan.groups, plan.heads_per_group, plan.scale, \
         plan.init_std
     out = {}
-    for name in ("input_layernorm.weight", "pre_mlp_layernorm.weight"):
+    for name in (INPUT_NORM, MLP_NORM):
         g = cur[name]
         out[name] = torch.cat([g, g.new_ones(H.size - H.old)])
-    for name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+    for name in (QKV, QKV_BIAS):
         if name not in cur:
             continue
         q, k, v = _units(cur[name], plan.src)
-        if name.endswith("weight"):
+        if name == QKV:
             q, k, v = (extend(t, -1, H.size, gen, std) / s for t in (q, k, v))
             fresh = gen
         else:
@@ -249,13 +263,13 @@ def grow_layer_exact(cur: dict[str, torch.Tensor], plan: WidthPlan,
         q = extend(extend(q, 0, Gx.size, fresh, std), 1, Px.size, fresh, std)
         k, v = extend(k, 0, Gx.size, fresh, std), extend(v, 0, Gx.size, fresh, std)
         out[name] = _fuse(q, k, v, plan.dst)
-    proj = cur["self_attention.linear_proj.weight"]
+    proj = cur[PROJ]
     proj = proj.reshape(H.old, plan.src.groups, -1, plan.head_dim)
     proj = extend(extend(proj, 1, Gx.size), 2, Px.size).reshape(H.old, -1)
-    out["self_attention.linear_proj.weight"] = extend(proj, 0, H.size) * s
-    fc1 = extend(cur["mlp.linear_fc1.weight"].reshape(2, F.old, H.old), -1, H.size, gen, std) / s
-    out["mlp.linear_fc1.weight"] = extend(fc1, 1, F.size, gen, std).reshape(2 * F.size, H.size)
-    out["mlp.linear_fc2.weight"] = extend(extend(cur["mlp.linear_fc2.weight"], 1, F.size),
+    out[PROJ] = extend(proj, 0, H.size) * s
+    fc1 = extend(cur[FC1].reshape(2, F.old, H.old), -1, H.size, gen, std) / s
+    out[FC1] = extend(fc1, 1, F.size, gen, std).reshape(2 * F.size, H.size)
+    out[FC2] = extend(extend(cur[FC2], 1, F.size),
                                           0, H.size) * s
     return out
 
@@ -273,7 +287,7 @@ def grow_globals(embedding: torch.Tensor, final_norm: torch.Tensor, output: torc
             output = extend(output, 1, H.size, gen, plan.init_std) / s
         return embedding, final_norm, output
     embedding = copy_out(embedding, embedding, 1, H)
-    embedding = _perturb(embedding, H.added()[None, :], plan.noise_std, gen)
+    embedding = _perturb(embedding, H.added()[None, :], plan.noise, gen)
     final_norm = final_norm.index_select(0, H.index())
     if output is not None:
         output = split_in(output, 1, H)

@@ -3,7 +3,8 @@
 argv: SPEC.json. SPEC is {"jobs": [{"ckpt": ..., "tp": N, "pp": N, "ep": N, "tokens": FILE,
 "out": FILE}]}.
 Each job loads the checkpoint at its layout and the rank holding the gathered logits (last
-pipeline stage, tensor-parallel rank 0) saves them with torch.save (tensors only)."""
+pipeline stage, tensor-parallel rank 0) saves them with torch.save (tensors and the layout that
+ran, read from megatron's parallel state: plain types only)."""
 
 import json
 import sys
@@ -16,27 +17,27 @@ def main() -> None:
     from megatron.core import parallel_state as ps
 
     from engine.checkpoint import load_weights
+    from engine.checkpoint.unsharded import checkpoint_rows, read_recipe
     from engine.config.recipe import ParallelConfig
-    from engine.convert.exporter import load_checkpoint_recipe
     from engine.convert.verify import parallel_logits
-    from engine.convert.engine_model import checkpoint_vocab
+    from engine.distributed import destroy_parallel_state, init_distributed, parallel_sizes
     from engine.models.build import build_model, transformer_config
-    from engine.train.distributed import destroy_parallel_state, init_distributed
 
     for job in json.loads(open(sys.argv[1]).read())["jobs"]:
-        ckpt, recipe = load_checkpoint_recipe(job["ckpt"])
+        ckpt, recipe = read_recipe(job["ckpt"])
         moe_tp = recipe.model.moe is not None and job["tp"] > 1  # megatron: MoE + TP needs SP
         recipe = replace(recipe, parallel=ParallelConfig(tp=job["tp"], pp=job["pp"],
                                                          ep=job.get("ep", 1),
                                                          sequence_parallel=moe_tp))
         runtime = init_distributed(recipe)
-        tc = transformer_config(recipe, runtime.layout, on_cpu=True)
-        chunks = build_model(recipe, tc, vocab_size=checkpoint_vocab(ckpt, recipe), spec="local")
+        tc = transformer_config(recipe, runtime.layout, on_cpu=True, gloo=True)
+        chunks = build_model(recipe, tc, padded_vocab_size=checkpoint_rows(ckpt, recipe),
+                             spec="local")
         load_weights(ckpt, chunks)
         logits = parallel_logits(chunks, torch.load(job["tokens"], weights_only=True))
         if logits is not None and ps.get_tensor_model_parallel_rank() == 0 \
                 and ps.get_data_parallel_rank() == 0:
-            torch.save(logits, job["out"])
+            torch.save({"logits": logits, "layout": parallel_sizes()}, job["out"])
         destroy_parallel_state()
 
 

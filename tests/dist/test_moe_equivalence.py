@@ -41,7 +41,8 @@ def runs(make_recipe, tmp_path_factory, torchrun):
                                              for n, r in layouts.items()]}))
         torchrun(nproc, WORKER, str(spec), str(out), timeout=900)
         for name, res in json.loads(out.read_text()).items():
-            results[name] = {k: {int(s): v for s, v in res[k].items()} for k in res}
+            results[name] = {k: v if k == "layout" else {int(s): x for s, x in v.items()}
+                             for k, v in res.items()}
 
     launch(2, {"ep2_allgather": recipe({"ep": 2}),
                "ep2_alltoall": recipe({"ep": 2}, "alltoall"),
@@ -57,23 +58,33 @@ def runs(make_recipe, tmp_path_factory, torchrun):
                                                             load_optim=False)))
     results["ck_ep2"] = tmp / "ck_ep2"
     return {k: v if isinstance(v, (dict, Path)) else
-            {"losses": v.losses, "grad_norms": v.grad_norms, "valid": v.valid}
+            {"losses": v.losses, "grad_norms": v.grad_norms, "valid": v.valid,
+             "layout": v.layout}
             for k, v in results.items()}
 
 
-def assert_same(run, ref):
-    assert run["losses"]
-    for step, loss in run["losses"].items():
-        assert loss == pytest.approx(ref["losses"][step], rel=RTOL), step
+def assert_same(run, ref, steps=range(1, STEPS + 1)):
+    """Every step of `steps` ran, and only those, with the reference's losses and gradient
+    norms; the validation losses at steps 2 and 4 (eval_interval 2) likewise."""
+    assert sorted(run["losses"]) == list(steps) == sorted(run["grad_norms"])
+    for step in steps:
+        assert run["losses"][step] == pytest.approx(ref["losses"][step], rel=RTOL), step
         assert run["grad_norms"][step] == pytest.approx(ref["grad_norms"][step], rel=RTOL), step
-    for step, valid in run["valid"].items():
-        assert valid["code"] == pytest.approx(ref["valid"][step]["code"], rel=RTOL)
+    evaluated = [s for s in steps if s % 2 == 0]
+    assert sorted(run["valid"]) == evaluated and all(run["valid"][s] for s in evaluated)
+    for step in evaluated:
+        assert run["valid"][step]["code"] == pytest.approx(ref["valid"][step]["code"], rel=RTOL)
 
 
-@pytest.mark.parametrize("layout", ["ep2_allgather", "ep2_alltoall", "tp2_sp_ep2_allgather",
-                                    "tp2_sp_ep2_alltoall"])
-def test_moe_layout_matches_single_process(runs, layout):
-    assert sorted(runs["single"]["losses"]) == list(range(1, STEPS + 1))
+@pytest.mark.parametrize("layout, sizes", [
+    ("ep2_allgather", (2, 1, 2, 2)), ("ep2_alltoall", (2, 1, 2, 2)),
+    ("tp2_sp_ep2_allgather", (4, 2, 2, 2)), ("tp2_sp_ep2_alltoall", (4, 2, 2, 2))])
+def test_moe_layout_matches_single_process(runs, layout, sizes):
+    world, tp, dp, ep = sizes
+    assert runs["single"]["layout"] == {"world_size": 1, "tp": 1, "pp": 1, "vpp": None, "dp": 1,
+                                        "ep": 1, "cp": 1}
+    assert runs[layout]["layout"] == {"world_size": world, "tp": tp, "pp": 1, "vpp": None,
+                                      "dp": dp, "ep": ep, "cp": 1}
     assert_same(runs[layout], runs["single"])
 
 
@@ -84,10 +95,11 @@ def test_ep2_checkpoint_reloads_at_ep1_with_every_expert(runs):
     run, ref = runs["ep1_from_ep2"], runs["single"]
     assert sorted(run["losses"]) == [STEPS]
     assert run["losses"][STEPS] == pytest.approx(ref["losses"][STEPS], rel=RTOL)
-    from engine.upcycle.io import read_checkpoint
+    from engine.checkpoint.unsharded import read_unsharded
 
-    _, _, state, step = read_checkpoint(runs["ck_ep2"])
-    assert step == 3
+    saved = read_unsharded(runs["ck_ep2"])
+    state = saved.state
+    assert saved.step == 3
     experts = {k.split("local_experts.")[1].split(".")[0] for k in state if "local_experts" in k}
     assert experts == {"0", "1", "2", "3"}
     router = state["decoder.layers.0.mlp.router.weight"]

@@ -27,8 +27,8 @@ def _pipeline(tmp_path, make_recipe) -> str:
         "stages": [
             {"name": "pretrain", "kind": "train"},
             {"name": "grow", "kind": "scale_up", "source": "pretrain",
-             "args": {"hidden": 96, "ffn": 192, "heads": 6, "kv_groups": 2, "layers": 4,
-                      "width_method": "exact",
+             "args": {"hidden_size": 96, "ffn_hidden_size": 192, "num_attention_heads": 6,
+                      "num_query_groups": 2, "num_layers": 4, "width_method": "exact",
                       "depth_method": "identity"}},
             {"name": "cpt", "kind": "train", "source": "grow", "overrides": cpt},
             {"name": "cpt_random", "kind": "train", "source": "grow", "init": "random",
@@ -38,7 +38,7 @@ def _pipeline(tmp_path, make_recipe) -> str:
             {"name": "cpt_moe", "kind": "train", "source": "moe",
              "overrides": {**cpt, "train.steps": 2}},
             {"name": "hf", "kind": "export", "source": "cpt_moe",
-             "args": {"dtype": "fp32", "seq": 32, "tol": 1e-3}},
+             "args": {"dtype": "fp32", "seq": 32}},
         ],
     }
     path = tmp_path / "pipe.yaml"
@@ -96,3 +96,20 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, make_recipe):
     third = _run(path)  # everything done: nothing runs again
     assert third.returncode == 0
     assert third.stderr.count("done, skipped") == len(pipe.stages)
+
+    # an export whose verification fails is not done: the run exits non-zero, a rerun retries
+    data = yaml.safe_load(open(path))
+    data["stages"][-1]["args"]["rtol"] = 1e-12  # no fp32 comparison meets this
+    (tmp_path / "run" / "hf" / "verify.json").unlink()
+    yaml.safe_dump(data, open(path, "w"), sort_keys=False)
+    failing = _run(path)
+    assert failing.returncode == 1 and "stage hf failed (exit code 1)" in failing.stderr
+    assert not done(load_pipeline(path), pipe.stage("hf"))
+    assert '"ok": false' in (tmp_path / "run" / "hf" / "verify.json").read_text()
+    del data["stages"][-1]["args"]["rtol"]
+    yaml.safe_dump(data, open(path, "w"), sort_keys=False)
+    fixed = _run(path)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert done(load_pipeline(path), pipe.stage("hf"))
+    assert "removing" in fixed.stderr and fixed.stderr.count("done, skipped") == \
+        len(pipe.stages) - 1

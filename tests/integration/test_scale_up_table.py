@@ -8,10 +8,11 @@ model from random init. Run with `-s` to see the table:
 
 import pytest
 
+from engine.checkpoint.unsharded import evaluate, read_unsharded
 from engine.config.loader import recipe_from_dict, recipe_to_dict
 from engine.train.loop import train
-from engine.upcycle.cli import scale_up_checkpoint, validation_tokens
-from engine.upcycle.io import loss_on_tokens, read_checkpoint
+from engine.upcycle.commands import scale_up_checkpoint
+from engine.upcycle.invariant import measurement_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ ROWS = {"FPI + stack": ("fpi", "stack"), "FPI + interpolate": ("fpi", "interpola
 
 def _continue(ckpt, save, steps: int) -> dict:
     """The recipe stored with `ckpt`, trained `steps` steps from its weights into `save`."""
-    plain = recipe_to_dict(read_checkpoint(ckpt)[1])
+    plain = recipe_to_dict(read_unsharded(ckpt).recipe)
     plain["train"].update(steps=steps, schedule={"style": "cosine", "warmup_steps": 1,
                                                  "min_lr": 1e-4})
     plain["checkpoint"].update(save=str(save), pretrained=str(ckpt))
@@ -34,16 +35,18 @@ def _continue(ckpt, save, steps: int) -> dict:
 def test_grown_models_start_and_stay_ahead_of_random_init(make_recipe, tmp_path):
     source = train(recipe_from_dict(make_recipe(
         train={"steps": SOURCE_STEPS}, checkpoint={"save": str(tmp_path / "source")})))
-    _, recipe, state, _ = read_checkpoint(source.checkpoint)
-    tokens, _ = validation_tokens(recipe, samples=16, seed=0, vocab_size=512)
-    source_loss = loss_on_tokens(recipe, state, tokens)
+    model = read_unsharded(source.checkpoint)
+    tokens, _ = measurement_tokens(model.recipe, samples=16, seq_length=512, seed=0)
+    source_loss = evaluate(model.recipe, model.state, tokens)[0]
+
+    def loss(ckpt) -> float:
+        m = read_unsharded(ckpt)
+        return evaluate(m.recipe, m.state, tokens)[0]
 
     def losses(start) -> tuple[float, float]:
-        _, r0, s0, _ = read_checkpoint(start)
         end = train(recipe_from_dict(_continue(start, tmp_path / f"{start.name}-trained",
                                                STEPS))).checkpoint
-        _, r1, s1, _ = read_checkpoint(end)
-        return loss_on_tokens(r0, s0, tokens), loss_on_tokens(r1, s1, tokens)
+        return loss(start), loss(end)
 
     random_recipe = make_recipe(model=TARGET, train={"steps": 0, "schedule": {"warmup_steps": 0}},
                                 checkpoint={"save": str(tmp_path / "random")})
@@ -59,7 +62,7 @@ def test_grown_models_start_and_stay_ahead_of_random_init(make_recipe, tmp_path)
     print(f"| init | step-0 valid loss | after {STEPS} steps |\n|---|---|---|")
     for name, (start, end) in table.items():
         print(f"| {name} | {start:.5f} | {end:.5f} |")
-    assert table["exact + identity"][0] == pytest.approx(source_loss, rel=1e-4)
+    assert table["exact + identity"][0] == pytest.approx(source_loss, rel=1e-6)
     for name in ROWS:
         assert table[name][0] < table["random init"][0] and \
             table[name][1] < table["random init"][1], name

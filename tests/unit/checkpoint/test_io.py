@@ -1,17 +1,11 @@
-"""Checkpoint directory rules that need no model: the tracker, atomic saves, retention, and which
-optimizer states can load at which layout."""
+"""Checkpoint directory rules that need no model: the tracker, atomic saves, retention."""
 
 from pathlib import Path
 
 import pytest
 
-from engine.checkpoint.io import (
-    CheckpointError,
-    SavedLayout,
-    _apply_retention,
-    _check_optimizer_compatible,
-    find_checkpoint,
-)
+from engine.checkpoint import CheckpointError
+from engine.checkpoint.io import apply_retention, find_checkpoint
 
 
 def fake_checkpoint(root: Path, step: int) -> Path:
@@ -42,21 +36,5 @@ def test_bad_tracker_is_one_clear_error(tmp_path):
 def test_retention_keeps_the_newest(tmp_path):
     for step in (2, 4, 6, 8):
         fake_checkpoint(tmp_path, step)
-    _apply_retention(tmp_path, 2, keep=tmp_path / "iter_0000008")
+    apply_retention(tmp_path, 2, keep=tmp_path / "iter_0000008")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "iter_0000008"]
-
-
-def layout(tp=1, pp=1, dp=1, distopt=True, sharding="dp_reshardable") -> SavedLayout:
-    return SavedLayout(tp=tp, pp=pp, dp=dp, distributed_optimizer=distopt, optim_sharding=sharding)
-
-
-def test_dp_reshardable_state_loads_at_another_dp_only(tmp_path):
-    _check_optimizer_compatible(tmp_path, layout(dp=2), layout(dp=1))
-    with pytest.raises(CheckpointError, match=r"saved as dp_reshardable at tp=2 pp=1 ep=1 cannot "
-                                              r"load at tp=1 pp=1 ep=1.*load_optim=false"):
-        _check_optimizer_compatible(tmp_path, layout(tp=2), layout(tp=1))
-
-
-def test_fully_reshardable_and_regular_optimizer_states_load_anywhere(tmp_path):
-    _check_optimizer_compatible(tmp_path, layout(tp=2, sharding="fully_reshardable"), layout(pp=2))
-    _check_optimizer_compatible(tmp_path, layout(tp=2, distopt=False), layout(pp=2, distopt=False))

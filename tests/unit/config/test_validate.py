@@ -4,7 +4,7 @@ import pytest
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from engine.config import ConfigError, Layout, padded_vocab_size, recipe_from_dict, validate
+from engine.config import ConfigError, Layout, recipe_from_dict, validate
 
 
 def make(**sections):
@@ -32,7 +32,7 @@ def test_layout_of_a_valid_recipe():
                   train=dict(micro_batch_size=2, global_batch_size=16))
     assert validate(recipe, 8) == Layout(
         world_size=8, tp=2, pp=2, vpp=2, cp=1, ep=1, dp=2, micro_batch_size=2,
-        global_batch_size=16, num_microbatches=4, padded_vocab_size=1024)
+        global_batch_size=16, num_microbatches=4)
 
 
 def test_global_batch_defaults_to_one_microbatch_per_rank():
@@ -67,8 +67,8 @@ def test_global_batch_defaults_to_one_microbatch_per_rank():
     (dict(parallel=dict(tp=4, sequence_parallel=True), data=dict(seq_length=130)), 4,
      "data.seq_length/cp=130 must be divisible by parallel.tp=4 with parallel.sequence_parallel "
      "(seq_length=130, cp=1)"),
-    (dict(parallel=dict(cp=4), data=dict(seq_length=100)), 4,
-     "data.seq_length=100 must be divisible by 2*cp=8 (cp=4)"),
+    (dict(parallel=dict(cp=2), data=dict(seq_length=128)), 2,
+     "parallel.cp=2: context parallelism is not implemented yet; use parallel.cp=1"),
     (dict(data=dict(seq_length=512)), 1,
      "data.seq_length=512 exceeds model.max_position_embeddings=256"),
     (dict(model=dict(vocab_size=None)), 1,
@@ -93,33 +93,11 @@ def test_world_size_must_be_positive():
     assert error(make(), 0) == "world_size: expected >= 1, got 0"
 
 
-def test_vocab_from_the_tokenizer_is_not_padded_yet():
-    recipe = make(model=dict(vocab_size=None), tokenizer=dict(type="sentencepiece", path="t.model"))
-    assert validate(recipe, 1).padded_vocab_size is None
-
-
-@pytest.mark.parametrize("vocab, divisible_by, tp, padded", [
-    (50257, 128, 1, 50304),    # GPT-2
-    (128256, 128, 1, 128256),  # Llama 3: already a multiple of 128
-    (128256, 128, 4, 128512),
-    (100008, 128, 2, 100096),  # Aquila
-    (32000, 1, 1, 32000),
-    (1, 128, 8, 1024),
-])
-def test_padded_vocab_size(vocab, divisible_by, tp, padded):
-    assert padded_vocab_size(vocab, divisible_by, tp) == padded
-
-
-def test_padded_vocab_size_rejects_non_positive_inputs():
-    with pytest.raises(ConfigError, match=r"padded_vocab_size: tp: expected >= 1, got 0"):
-        padded_vocab_size(100, 128, 0)
-
-
 @settings(max_examples=300, deadline=None)
 @given(
     tp=st.sampled_from([1, 2, 3, 4, 8]),
     pp=st.sampled_from([1, 2, 3, 4]),
-    cp=st.sampled_from([1, 2]),
+    cp=st.sampled_from([1]),  # cp > 1 is refused until context parallelism lands
     dp=st.integers(1, 8),
     heads=st.sampled_from([1, 2, 4, 6, 8, 12, 16, 32]),
     micro_batch_size=st.integers(1, 4),
@@ -148,4 +126,3 @@ def test_valid_layouts_multiply_out(tp, pp, cp, dp, heads, micro_batch_size, acc
     assert layout.tp * layout.pp * layout.dp * layout.cp == world_size
     assert layout.num_microbatches * layout.micro_batch_size * layout.dp == layout.global_batch_size
     assert heads % layout.tp == 0 and 24 % (layout.pp * (layout.vpp or 1)) == 0
-    assert layout.padded_vocab_size % (128 * layout.tp) == 0

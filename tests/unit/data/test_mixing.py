@@ -93,7 +93,7 @@ def test_the_global_batch_is_the_same_at_every_data_parallel_layout(dp, mbs):
     for rank in range(dp):
         layout = Layout(world_size=dp, tp=1, pp=1, vpp=None, cp=1, ep=1, dp=dp,
                         micro_batch_size=mbs, global_batch_size=batch,
-                        num_microbatches=batch // (dp * mbs), padded_vocab_size=None)
+                        num_microbatches=batch // (dp * mbs))
         plan = MicrobatchPlan(layout, rank)
         for micro in range(layout.num_microbatches):
             for i in plan.sample_indices(consumed, micro):

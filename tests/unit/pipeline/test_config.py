@@ -10,7 +10,7 @@ from engine.pipeline.stages import plan
 
 BASE = {"name": "p", "out": "runs/p", "recipe": "r.yaml", "stages": [
     {"name": "pre", "kind": "train"},
-    {"name": "grow", "kind": "scale_up", "source": "pre", "args": {"hidden": 8}},
+    {"name": "grow", "kind": "scale_up", "source": "pre", "args": {"hidden_size": 8}},
     {"name": "cpt", "kind": "train", "source": "grow"},
     {"name": "rand", "kind": "train", "source": "grow", "init": "random", "baseline_for": "cpt"},
 ]}
@@ -45,6 +45,13 @@ def test_valid_pipeline_parses():
     (_with(stage=(0, {"overide": {}})), "unknown key 'overide' (did you mean 'overrides'?)"),
     (_with(stages=[]), "'stages' must be a non-empty list"),
     (_with(nproc=0), "nproc: expected a positive integer"),
+    # stage args are the command's options, checked on load with the recipe key names
+    (_with(stage=(1, {"args": {"hidden": 8}})),
+     "stages[1].args: unknown option 'hidden' (did you mean 'hidden_size'?)"),
+    (_with(stage=(1, {"args": {"hidden_size": "wide"}})),
+     "stages[1].args: hidden_size: expected int or null, got 'wide'"),
+    (_with(stage=(1, {"args": {"width_method": "wide"}})),
+     "stages[1].args: width_method: 'wide' is not one of fpi, aki, aki-pro, exact"),
 ])
 def test_bad_pipeline_is_one_line(data, message):
     with pytest.raises(ConfigError) as err:
@@ -77,13 +84,14 @@ def test_section_mapping_overrides_merge_key_by_key():
 
 
 def test_upcycle_and_export_commands(tmp_path):
+    """The commands are built from the options: the same flags a user types."""
     pipe = pipeline_from_dict(_with(out=str(tmp_path), stages=BASE["stages"] + [
-        {"name": "hf", "kind": "export", "source": "cpt", "args": {"dtype": "fp32", "tol": 1e-4}},
+        {"name": "hf", "kind": "export", "source": "cpt", "args": {"dtype": "fp32", "rtol": 1e-4}},
     ]), "p.yaml")
     (cmd,) = plan(pipe, pipe.stage("grow")).commands
     assert cmd[-7:] == ("scale-up", "--ckpt", f"{tmp_path}/pre/checkpoints", "--out",
-                        f"{tmp_path}/grow/model", "--hidden", "8")
+                        f"{tmp_path}/grow/model", "--hidden-size", "8")
     export, verify = plan(pipe, pipe.stage("hf")).commands
     assert export[3:5] == ("convert", "engine-to-hf") and export[-2:] == ("--dtype", "fp32")
-    assert verify[3:5] == ("convert", "verify") and verify[-2:] == ("--tol", "0.0001")
+    assert verify[3:5] == ("convert", "verify") and verify[-2:] == ("--rtol", "0.0001")
     assert f"{tmp_path}/cpt/checkpoints" in verify

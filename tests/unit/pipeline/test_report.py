@@ -29,7 +29,8 @@ def test_ancestry_follows_weights_not_shapes():
         {"name": "pre", "kind": "train"},
         {"name": "grow", "kind": "scale_up", "source": "pre"},
         {"name": "cpt", "kind": "train", "source": "grow"},
-        {"name": "moe", "kind": "scale_out", "source": "cpt"},
+        {"name": "moe", "kind": "scale_out", "source": "cpt",
+         "args": {"num_experts": 4, "topk": 2}},
         {"name": "cpt_moe", "kind": "train", "source": "moe"},
         {"name": "moe_rand", "kind": "train", "source": "moe", "init": "random"},
     ]}, "p.yaml")

@@ -19,7 +19,6 @@ def layout(dp: int, mbs: int, micro: int) -> Layout:
         micro_batch_size=mbs,
         global_batch_size=dp * mbs * micro,
         num_microbatches=micro,
-        padded_vocab_size=None,
     )
 
 

@@ -298,13 +298,22 @@ def test_stack_and_interpolate_copy_whole_grown_layers():
 def test_noise_perturbs_only_added_units_and_is_seeded():
     src, dst = INTEGER_RATIOS["groups-x2"]
     state, plain, _ = grow(src, dst, width_method="fpi")
-    _, noisy, _ = grow(src, dst, width_method="fpi", noise_std=0.01, seed=5)
-    _, again, _ = grow(src, dst, width_method="fpi", noise_std=0.01, seed=5)
+    _, noisy, _ = grow(src, dst, width_method="fpi", noise=0.01, seed=5)
+    _, again, _ = grow(src, dst, width_method="fpi", noise=0.01, seed=5)
     assert all(torch.equal(noisy[k], again[k]) for k in noisy)
     h, f = src.hidden_size, src.ffn_hidden_size
     emb = "embedding.word_embeddings.weight"
     assert torch.equal(noisy[emb][:, :h], plain[emb][:, :h])
     assert not torch.equal(noisy[emb][:, h:], plain[emb][:, h:])
+    # `noise` is a std relative to the tensor's (as in Scale-Out): 0.01 of std 0.2 here, and ten
+    # times larger weights get ten times larger noise
+    delta = noisy[emb][:, h:] - plain[emb][:, h:]
+    assert 0.7 < (delta.std() / (0.01 * plain[emb].std())).item() < 1.3
+    big = {k: v * (1 if k.endswith("norm.weight") else 10) for k, v in state.items()}
+    loud, _ = scale_up(big, src, dst, spec=ScaleUpSpec(width_method="fpi", noise=0.01, seed=5))
+    plain_big, _ = scale_up(big, src, dst, spec=ScaleUpSpec(width_method="fpi", seed=5))
+    assert torch.allclose(loud[emb] - plain_big[emb], 10 * (noisy[emb] - plain[emb]),
+                          rtol=1e-9, atol=1e-12)
     fc1 = "decoder.layers.0.mlp.linear_fc1.weight"
     gate_n, gate_p = split_gate_up(noisy[fc1], None)[0], split_gate_up(plain[fc1], None)[0]
     assert torch.equal(gate_n[:f], gate_p[:f]) and (gate_n[f:] - gate_p[f:]).abs().max() < 0.1
@@ -313,13 +322,13 @@ def test_noise_perturbs_only_added_units_and_is_seeded():
     change = relative_error(logits(noisy, dst, TOKENS), logits(plain, dst, TOKENS))
     assert change > 1e-4
     with pytest.raises(UpcycleError, match="exact method copies no unit"):
-        ScaleUpSpec(width_method="exact", noise_std=0.01)
+        ScaleUpSpec(width_method="exact", noise=0.01)
 
 
 @pytest.mark.parametrize("dst, match", [
-    (model(hidden=16), "--hidden 16: Scale-Up only grows"),
-    (model(layers=1), "--layers 1: Scale-Up only grows"),
-    (model(groups=1), "--kv-groups 1: Scale-Up only grows"),
+    (model(hidden=16), "--hidden-size 16: Scale-Up only grows"),
+    (model(layers=1), "--num-layers 1: Scale-Up only grows"),
+    (model(groups=1), "--num-query-groups 1: Scale-Up only grows"),
     (model(hidden=64, heads=4), "head width 16 != the source's 8"),
     (model(heads=8, groups=8, kv_channels=8), "1 per group, fewer than the source's 2"),
     (model(add_qkv_bias=True), "model.add_qkv_bias"),

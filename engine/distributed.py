@@ -99,6 +99,21 @@ def init_distributed(recipe: Recipe, *, timeout_s: int = 600) -> Runtime:
     return Runtime(layout=layout, rank=rank, device=device, backend=backend)
 
 
+def parallel_sizes() -> dict[str, int | None]:
+    """The layout that is running, read back from megatron-core's parallel state (initialized):
+    world size and the tp, pp, vpp, dp, ep and cp group sizes."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    return {"world_size": dist.get_world_size(),
+            "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size()}
+
+
 def destroy_parallel_state() -> None:
     """Tear down megatron-core's groups after a run; the default process group stays, so one
     process can run several layouts (re-creating it on the same torchrun store collides)."""

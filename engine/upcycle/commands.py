@@ -1,0 +1,237 @@
+"""`engine upcycle scale-up | scale-out` as Python functions of the same shape:
+`scale_up_checkpoint(ckpt, out, **options)` and `scale_out_checkpoint(ckpt, out, **options)`,
+each read -> pure math -> measure -> write, returning the report (also out/report.json).
+
+The options are dataclasses (`ScaleUpOptions`, `ScaleOutOptions`) whose field names are the
+recipe's keys (`hidden_size`, `num_experts`, ...): the same names are the CLI flags
+(engine.options) and a pipeline stage's `args`. This is the command layer around the math
+(scale_up.py, scale_out.py): files, the report, the HF source of Scale-Out (engine.convert).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from engine.checkpoint.unsharded import (
+    UnshardedModel,
+    check_new_output,
+    read_unsharded,
+    write_unsharded,
+)
+from engine.config.recipe import ModelConfig, Recipe
+from engine.models.build import DTYPES
+from engine.models.vocab import padded_vocab_size
+from engine.models.weights import resize_vocab
+from engine.upcycle.depth import DEPTH_METHODS
+from engine.upcycle.invariant import measure_invariant, measurement_tokens
+from engine.upcycle.scale_out import ScaleOutSpec, scale_out
+from engine.upcycle.scale_up import WIDTH_METHODS, ScaleUpSpec, scale_up
+from engine.upcycle.target import grown_model, model_sizes, moe_family, target_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UpcycleOptions:
+    """What every upcycling command takes: the target layout and the measurement."""
+
+    tp: int | None = None
+    """Target tensor-parallel size (default: the source's)."""
+    pp: int | None = None
+    """Target pipeline-parallel size (default: the source's)."""
+    eval_samples: int = 1
+    """Sequences for the measured loss and logit change (engine.upcycle.invariant), run in
+    float64; 0 skips the measurement."""
+    eval_seq_length: int = 512
+    """Tokens per measured sequence (at most the recipe's data.seq_length)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScaleUpOptions(UpcycleOptions):
+    """Scale-Up: the grown model's sizes (None keeps the source's), the methods, the layout."""
+
+    num_layers: int | None = None
+    """model.num_layers of the grown model."""
+    hidden_size: int | None = None
+    """model.hidden_size of the grown model."""
+    ffn_hidden_size: int | None = None
+    """model.ffn_hidden_size of the grown model."""
+    num_attention_heads: int | None = None
+    """model.num_attention_heads of the grown model (the head width stays)."""
+    num_query_groups: int | None = None
+    """model.num_query_groups of the grown model."""
+    width_method: str = field(default="fpi", metadata={"choices": WIDTH_METHODS})
+    """How the width grows: fpi, aki, aki-pro or exact (engine/upcycle/width.py)."""
+    depth_method: str = field(default="stack", metadata={"choices": DEPTH_METHODS})
+    """How the depth grows: stack, interpolate or identity (engine/upcycle/depth.py)."""
+    noise: float = 0.0
+    """Std of noise on the copied units, relative to the std of their tensor (fpi/aki/aki-pro)."""
+    seed: int = 0
+    """Seed of fresh units, noise and random measurement tokens."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScaleOutOptions(UpcycleOptions):
+    """Scale-Out: the experts (model.moe keys), the upcycling method, the layout."""
+
+    num_experts: int
+    """model.moe.num_experts."""
+    topk: int
+    """model.moe.topk."""
+    granularity: int = 1
+    """Shards per dense FFN (G); the expert width is ffn_hidden_size / G."""
+    router_init: str = field(default="normal", metadata={"choices": ("normal", "zeros")})
+    """Router rows: normal (std router_std) or zeros."""
+    router_std: float = 0.02
+    """Std of the normal router initialization."""
+    weight_scaling: str = field(default="auto", metadata={"choices": ("auto", "exact", "none")})
+    """auto: a^(1/3) on fc1 and fc2 (He et al. 2024); exact: a on fc2 only; none."""
+    router_pre_softmax: bool = False
+    """model.moe.router_pre_softmax: softmax over all experts before top-k."""
+    noise: float = 0.0
+    """Std of noise on each expert, relative to the std of its tensor (0 keeps the invariant)."""
+    seed: int = 0
+    """Seed of the router, the noise and random measurement tokens."""
+    layer_freq: int = 1
+    """model.moe.layer_freq: MoE every N layers."""
+    aux_loss_coeff: float = 0.001
+    """model.moe.aux_loss_coeff."""
+    z_loss_coeff: float | None = None
+    """model.moe.z_loss_coeff."""
+    token_dispatcher: str = field(default="alltoall",
+                                  metadata={"choices": ("allgather", "alltoall")})
+    """model.moe.token_dispatcher."""
+    ep: int | None = None
+    """Target expert-parallel size (default 1)."""
+
+
+def _stored(source: UnshardedModel, recipe: Recipe, state: dict) -> UnshardedModel:
+    """The upcycled model as it will be written: vocabulary rows padded for the target's tp,
+    weights in its storage dtype (what the measurement sees), the source's history kept."""
+    m = recipe.model
+    rows = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, recipe.parallel.tp)
+    dtype = DTYPES[recipe.train.precision]
+    state = {k: v.to(dtype) for k, v in resize_vocab(state, m.vocab_size, rows).items()}
+    return replace(source, recipe=recipe, state=state, step=0, path=None)
+
+
+def _measure(source: UnshardedModel, target: UnshardedModel, options, *,
+             expected_exact: bool) -> dict | None:
+    if not options.eval_samples:
+        return None
+    tokens, where = measurement_tokens(source.recipe, samples=options.eval_samples,
+                                       seq_length=options.eval_seq_length, seed=options.seed)
+    return measure_invariant(source, target, tokens, where, expected_exact=expected_exact)
+
+
+def _write(out: Path, target: UnshardedModel, report: dict) -> None:
+    def extras(tmp: Path) -> None:
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+
+    write_unsharded(out, target, extras=extras)
+
+
+def _source_record(source: UnshardedModel) -> dict:
+    return {"checkpoint": str(source.path or source.origin.get("hf")), "step": source.step,
+            "model": model_sizes(source.recipe.model)}
+
+
+def scale_up_exact(src: ModelConfig, dst: ModelConfig, spec: ScaleUpSpec) -> bool:
+    """Whether the growth preserves the function by construction: the exact width method, or FPI
+    at an integer hidden ratio without noise; identity blocks or no new layers."""
+    width = spec.width_method == "exact" or (
+        spec.width_method == "fpi" and dst.hidden_size % src.hidden_size == 0
+        and spec.noise == 0.0)
+    depth = spec.depth_method == "identity" or dst.num_layers == src.num_layers
+    return width and depth
+
+
+def scale_up_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
+    """Grow the dense checkpoint `ckpt` (any saved layout) into the new checkpoint directory
+    `out` (ScaleUpOptions keywords); return the report, also written to out/report.json."""
+    opts = ScaleUpOptions(**options)
+    out = check_new_output(out)
+    spec = ScaleUpSpec(width_method=opts.width_method, depth_method=opts.depth_method,
+                       noise=opts.noise, seed=opts.seed)
+    source = read_unsharded(ckpt)
+    src = source.recipe.model
+    sizes = {k: getattr(opts, k) for k in ("num_layers", "hidden_size", "ffn_hidden_size",
+                                           "num_attention_heads", "num_query_groups")}
+    recipe = target_recipe(source.recipe, out, model=grown_model(src, sizes), tp=opts.tp,
+                           pp=opts.pp, ep=None, what="the grown model")
+    dst = recipe.model
+    log.info("growing %s (step %d) %s+%s", source.path, source.step, spec.width_method,
+             spec.depth_method)
+    grown, source_map = scale_up(source.state, src, dst, spec=spec)
+    target = _stored(source, recipe, grown)
+    report = {"command": "scale-up", "source": _source_record(source),
+              "target": {"model": model_sizes(dst), "tp": recipe.parallel.tp,
+                         "pp": recipe.parallel.pp},
+              "options": asdict(opts),
+              "untied_embeddings": src.share_embeddings_and_output_weights and
+              not dst.share_embeddings_and_output_weights}
+    exact = scale_up_exact(src, dst, spec)
+    report["invariant"] = _measure(source, target, opts, expected_exact=exact)
+    if report["invariant"] and spec.noise:  # what the noise alone changed
+        plain, _ = scale_up(source.state, src, dst, spec=replace(spec, noise=0.0))
+        without = _measure(source, _stored(source, recipe, plain), opts, expected_exact=False)
+        report["invariant"].update(loss_target_without_noise=without["loss_target"],
+                                   noise_loss_change=report["invariant"]["loss_target"] -
+                                   without["loss_target"])
+    report["source_map"] = source_map.to_dict()
+    _write(out, target, report)
+    return report
+
+
+def _read_source(ckpt: str | os.PathLike) -> UnshardedModel:
+    """An engine checkpoint, or an HF model directory (imported on the fly)."""
+    path = Path(ckpt)
+    if (path / "config.json").is_file() and not (path / "metadata.json").is_file():
+        from engine.convert.importer import read_hf
+
+        return read_hf(path)
+    return read_unsharded(path)
+
+
+def scale_out_exact(moe, spec: ScaleOutSpec) -> bool:
+    """Whether the MoE computes the dense function by construction (scale_out.py's invariant)."""
+    return spec.noise == 0 and not moe.router_pre_softmax and (
+        spec.granularity == 1 or spec.weight_scaling == "exact")
+
+
+def scale_out_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
+    """Upcycle the dense model `ckpt` (an engine checkpoint of any layout, or an HF directory)
+    into a mixture of experts in the new directory `out` (ScaleOutOptions keywords); return the
+    report, also written to out/report.json."""
+    opts = ScaleOutOptions(**options)
+    out = check_new_output(out)
+    spec = ScaleOutSpec(granularity=opts.granularity, router_init=opts.router_init,
+                        router_std=opts.router_std, weight_scaling=opts.weight_scaling,
+                        noise=opts.noise, seed=opts.seed)
+    source = _read_source(ckpt)
+    src = source.recipe.model
+    moe = {"num_experts": opts.num_experts, "topk": opts.topk,
+           "ffn_hidden_size": src.ffn_hidden_size // max(opts.granularity, 1),
+           "router_pre_softmax": opts.router_pre_softmax,
+           "aux_loss_coeff": opts.aux_loss_coeff, "z_loss_coeff": opts.z_loss_coeff,
+           "token_dispatcher": opts.token_dispatcher, "layer_freq": opts.layer_freq}
+    recipe = target_recipe(source.recipe, out, model={"moe": moe,
+                                                      "family": moe_family(src, moe)},
+                           tp=opts.tp, pp=opts.pp, ep=opts.ep, what="the mixture of experts")
+    log.info("upcycling %s (step %d) into %d experts, top-%d", source.path or ckpt, source.step,
+             opts.num_experts, opts.topk)
+    state, record = scale_out(source.state, src, recipe.model, spec=spec)
+    target = _stored(source, recipe, state)
+    p = recipe.parallel
+    report = {"command": "scale-out", "source": _source_record(source),
+              "target": {"model": model_sizes(recipe.model), "num_experts": opts.num_experts,
+                         "topk": opts.topk, "tp": p.tp, "pp": p.pp, "ep": p.ep},
+              "options": asdict(opts), **record}
+    report["invariant"] = _measure(source, target, opts,
+                                   expected_exact=scale_out_exact(recipe.model.moe, spec))
+    _write(out, target, report)
+    return report
