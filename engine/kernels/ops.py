@@ -35,6 +35,13 @@ SCHEMAS = {
 }
 """Op name -> schema. The C++ signatures in csrc/*/binding.cpp must match."""
 
+TOLERANCES = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2,
+              torch.float16: 4e-3}
+"""Fused vs reference, rtol = atol (as torch.testing.assert_close): a few ulp of the dtype, since
+the kernels round once where the references round after each elementwise op. The kernel tests
+and `engine bench kernels` judge by it (sums over many rows, like a weight gradient, get a
+small multiple)."""
+
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 for _name, _schema in SCHEMAS.items():
     _LIBRARY.define(_name + _schema)

@@ -5,7 +5,6 @@ import torch
 
 from engine.kernels.cross_entropy import (
     IGNORE_INDEX,
-    chunk_rows,
     fused_linear_cross_entropy,
     linear_cross_entropy,
 )
@@ -76,12 +75,6 @@ def test_gradcheck_float64(device):
     h, w, target = _inputs(9, 5, 17, torch.float64, device=device)
     fn = lambda a, b: fused_linear_cross_entropy(a, b, target, rows=4)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (h.requires_grad_(), w.requires_grad_()))
-
-
-def test_chunk_rows_bounds_the_chunk():
-    assert chunk_rows(32000, torch.float32, budget_bytes=64 * 2**20) == 524
-    assert chunk_rows(128256, torch.bfloat16, budget_bytes=256 * 2**20) == 1046
-    assert chunk_rows(10**9, torch.float32) == 1
 
 
 def test_out_of_range_target_is_refused():

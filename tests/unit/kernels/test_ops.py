@@ -79,11 +79,10 @@ def test_references_run_unbuilt_and_say_so_once():
     assert "engine::rms_norm_fwd: no cpu kernel (ENGINE_DISABLE_CSRC is set)" in lines[0]
 
 
+@pytest.mark.usefixtures("built")
 def test_baseline_isa_build_matches_the_references():
     """On x86-64 the kernels also exist as a baseline (SSE2) build for CPUs without AVX2; it is
     forced here with ENGINE_CPU_ISA=base and checked against the references."""
-    if not ops.has_kernel("rms_norm_fwd", "cpu"):
-        pytest.skip("engine/_C is not built: pip install --no-build-isolation -e .")
     script = (
         "import torch\n"
         "from engine.kernels import ops\n"

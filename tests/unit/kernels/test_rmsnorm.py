@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.kernels.rmsnorm import FusedRMSNorm, fused_rms_norm, rms_norm
+from engine.kernels.rmsnorm import fused_rms_norm, rms_norm
 
 pytestmark = pytest.mark.usefixtures("built")
 
@@ -38,17 +38,6 @@ def test_non_contiguous_input():
     xt = x.t()  # [24, 16], not contiguous
     torch.testing.assert_close(fused_rms_norm(xt, w[:16], 1e-5), rms_norm(xt, w[:16], 1e-5),
                                rtol=2e-6, atol=2e-6)
-
-
-def test_module_marks_its_weight_for_sequence_parallel():
-    class Config:
-        params_dtype = torch.float32
-        sequence_parallel = True
-
-    norm = FusedRMSNorm(Config(), hidden_size=8, eps=1e-6)
-    assert norm.weight.sequence_parallel
-    x = torch.randn(2, 8)
-    torch.testing.assert_close(norm(x), rms_norm(x, norm.weight, 1e-6), rtol=2e-6, atol=2e-6)
 
 
 def test_shape_errors_name_the_shapes():

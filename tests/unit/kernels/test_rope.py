@@ -31,13 +31,6 @@ def test_forward_and_backward_match_the_reference(seq, batch, heads, dim, rot, d
     close(dt, dt_ref, dtype, scale=2)
 
 
-def test_reference_is_megatrons_rotate_half_rope():
-    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
-
-    t, freqs = _inputs(11, 2, 3, 16, 12, torch.float32)
-    assert torch.equal(rope(t, freqs), _apply_rotary_pos_emb_bshd(t, freqs))
-
-
 def test_non_contiguous_query_view():
     t, freqs = _inputs(8, 2, 4, 32, 32, torch.float32)
     view = t.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
