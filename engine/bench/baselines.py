@@ -14,12 +14,15 @@ FLOPs with the same formula as the engine's row. One process each (no parallel l
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
 from engine.bench.peak import Peak
+from engine.bench.profile import profile_step
 from engine.bench.row import BenchRow
-from engine.bench.train import make_row, peak_memory_gib, time_steps
+from engine.bench.train import RunShape, make_row, peak_memory_gib, time_steps
 from engine.config.errors import ConfigError
 from engine.config.recipe import Recipe
 from engine.models.vocab import padded_vocab_size
@@ -43,7 +46,7 @@ def _check(recipe: Recipe, system: str) -> None:
                           "parallel.tp/pp/cp must be 1")
 
 
-def _vocab(recipe: Recipe) -> int:
+def recipe_padded_vocab_size(recipe: Recipe) -> int:
     """The padded vocabulary (engine.models.vocab) of model.vocab_size, or the recipe
     tokenizer's."""
     vocab = recipe.model.vocab_size
@@ -77,12 +80,13 @@ def _optimizer(recipe: Recipe, params):
                              eps=o.adam_eps, weight_decay=o.weight_decay)
 
 
-def _loop(recipe, model, loss_of, step_batches, *, steps, warmup):
+def _loop(recipe, model, loss_of, step_batches, *, steps, warmup, show_profile):
+    """(Timing, StepProfile) of a plain PyTorch loop: microbatch losses averaged, backward,
+    clipping, AdamW."""
     optimizer = _optimizer(recipe, model.parameters())
     clip = recipe.optim.clip_grad
 
-    def step(i: int) -> float:
-        batches = step_batches(i)
+    def step(batches) -> float:
         total = 0.0
         for batch in batches:
             loss = loss_of(batch) / len(batches)
@@ -94,16 +98,21 @@ def _loop(recipe, model, loss_of, step_batches, *, steps, warmup):
         optimizer.zero_grad(set_to_none=True)
         return total
 
-    return time_steps(step, steps=steps, warmup=warmup)
+    timing = time_steps(step_batches, step, steps=steps, warmup=warmup)
+    profile = profile_step(lambda: step(step_batches(warmup + steps)))
+    if show_profile:
+        print(profile.table(), file=sys.stderr)
+    return timing, profile
 
 
-def run_transformers(recipe: Recipe, *, steps: int, warmup: int, peak: Peak) -> BenchRow:
+def run_transformers(recipe: Recipe, *, steps: int, warmup: int, peak: Peak,
+                     show_profile: bool = False) -> BenchRow:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _check(recipe, "transformers")
     m = recipe.model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vocab = _vocab(recipe)
+    vocab = recipe_padded_vocab_size(recipe)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
@@ -114,19 +123,20 @@ def run_transformers(recipe: Recipe, *, steps: int, warmup: int, peak: Peak) -> 
         initializer_range=m.init_method_std, attention_bias=False, mlp_bias=False)
     torch.manual_seed(recipe.train.seed)
     model = LlamaForCausalLM(config).to(device).train()
-    step_batches, global_batch, micro = _batches(recipe, vocab, warmup + steps, device)
+    step_batches, global_batch, micro = _batches(recipe, vocab, warmup + steps + 1, device)
     dtype = DTYPES[recipe.train.precision]
 
     def loss_of(batch):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return model(input_ids=batch["tokens"], labels=batch["tokens"]).loss
 
-    times, losses = _loop(recipe, model, loss_of, step_batches, steps=steps, warmup=warmup)
-    return make_row(recipe, system="transformers", padded_vocab_size=vocab,
-                    layout="single process",
-                    devices=1, global_batch=global_batch, micro_batch=micro, steps=steps,
-                    warmup=warmup, times=times, losses=losses, peak=peak,
-                    memory=peak_memory_gib(), kernels="-")
+    timing, profile = _loop(recipe, model, loss_of, step_batches, steps=steps, warmup=warmup,
+                            show_profile=show_profile)
+    run = RunShape(layout="single process", devices=1, global_batch=global_batch,
+                   micro_batch=micro)
+    return make_row(recipe, system="transformers", padded_vocab_size=vocab, run=run,
+                    timing=timing, profile=profile, peak=peak, memory=peak_memory_gib(),
+                    kernels="-")
 
 
 def _megatron_model(recipe: Recipe, vocab: int, on_cpu: bool):
@@ -153,7 +163,8 @@ def _megatron_model(recipe: Recipe, vocab: int, on_cpu: bool):
         share_embeddings_and_output_weights=m.share_embeddings_and_output_weights)
 
 
-def run_megatron(recipe: Recipe, *, steps: int, warmup: int, peak: Peak) -> BenchRow:
+def run_megatron(recipe: Recipe, *, steps: int, warmup: int, peak: Peak,
+                 show_profile: bool = False) -> BenchRow:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -172,19 +183,20 @@ def run_megatron(recipe: Recipe, *, steps: int, warmup: int, peak: Peak) -> Benc
     try:
         torch.manual_seed(recipe.train.seed)
         model_parallel_cuda_manual_seed(recipe.train.seed)
-        vocab = _vocab(recipe)
+        vocab = recipe_padded_vocab_size(recipe)
         model = _megatron_model(recipe, vocab, on_cpu).to(device).train()
-        step_batches, global_batch, micro = _batches(recipe, vocab, warmup + steps, device)
+        step_batches, global_batch, micro = _batches(recipe, vocab, warmup + steps + 1, device)
 
         def loss_of(batch):
             return model(batch["tokens"], batch["position_ids"], None,
                          labels=batch["labels"]).mean()
 
-        times, losses = _loop(recipe, model, loss_of, step_batches, steps=steps, warmup=warmup)
+        timing, profile = _loop(recipe, model, loss_of, step_batches, steps=steps,
+                                warmup=warmup, show_profile=show_profile)
     finally:
         ps.destroy_model_parallel()
-    return make_row(recipe, system="megatron-core", padded_vocab_size=vocab,
-                    layout="single process",
-                    devices=1, global_batch=global_batch, micro_batch=micro, steps=steps,
-                    warmup=warmup, times=times, losses=losses, peak=peak,
-                    memory=peak_memory_gib(), kernels="-")
+    run = RunShape(layout="single process", devices=1, global_batch=global_batch,
+                   micro_batch=micro)
+    return make_row(recipe, system="megatron-core", padded_vocab_size=vocab, run=run,
+                    timing=timing, profile=profile, peak=peak, memory=peak_memory_gib(),
+                    kernels="-")

@@ -63,6 +63,8 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--json", help="also write the row to this JSON file (rank 0)")
     p.add_argument("--peak-tflops", type=float, help="peak per device instead of measuring it")
     p.add_argument("--peak-source", default="given on the command line")
+    p.add_argument("--profile", action="store_true",
+                   help="print the profiled step's GEMMs by shape (time, GFLOP/s) and top ops")
     _common(p)
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides")
     args = p.parse_args(argv)
@@ -75,14 +77,21 @@ def train_main(argv: list[str]) -> int:
                           warmup=args.warmup, data=args.data)
     peak = Peak(args.peak_tflops, args.peak_source) if args.peak_tflops else None
     if args.system == "engine":
-        row = run_engine(recipe, steps=args.steps, warmup=args.warmup, peak=peak)
+        row = run_engine(recipe, steps=args.steps, warmup=args.warmup, peak=peak,
+                         show_profile=args.profile)
     else:
         from engine.bench import baselines
 
         run = {"transformers": baselines.run_transformers,
                "megatron-core": baselines.run_megatron}[args.system]
-        peak = peak or device_peak(recipe.train.precision)
-        row = run(recipe, steps=args.steps, warmup=args.warmup, peak=peak)
+        from engine.bench.peak import model_gemm_shapes
+
+        shapes = model_gemm_shapes(recipe.model, recipe.train.micro_batch_size *
+                                   recipe.data.seq_length,
+                                   baselines.recipe_padded_vocab_size(recipe))
+        peak = peak or device_peak(recipe.train.precision, shapes)
+        row = run(recipe, steps=args.steps, warmup=args.warmup, peak=peak,
+                  show_profile=args.profile)
     if os.environ.get("RANK", "0") == "0":
         print(format_table([row]))
         if args.json:
@@ -147,7 +156,11 @@ def kernels_main(argv: list[str]) -> int:
             writer = csv.DictWriter(f, fieldnames=list(data[0]))
             writer.writeheader()
             writer.writerows(data)
-    return 0
+    failed = [r.kernel for r in rows if not r.ok]
+    if failed:
+        print(f"error: {', '.join(failed)}: output or gradients beyond tolerance of the "
+              "reference (err/tol > 1)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def sweep_main(argv: list[str]) -> int:

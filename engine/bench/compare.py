@@ -2,12 +2,14 @@
 
 Each system runs in its own process (`engine bench train --system ...`: fresh memory peak, same
 thread count, the same recipe file), against one CPU peak measured here before and after the
-runs (the better of the two). `--repeats R`
-runs the systems round-robin R times and keeps each system's fastest run: on a shared machine
-other jobs only ever slow a run down. The load average before each run is recorded with it.
+runs (the better of the two; squares and the model's own GEMM shapes, engine.bench.peak).
+`--repeats R` runs the systems round-robin R times (interleaved, so a change in the machine's
+load hits every system alike): the table keeps each system's fastest run, and the ratio of the
+engine's tokens/s to each other system's is given per round with its min/median/max. The load
+average before each run is recorded with it.
 
-Writes `compare.csv`, `compare.json` (rows, ratios, load averages) and `compare.png` (tokens/s and
-MFU per system) into --out.
+Writes `compare.csv`, `compare.json` (rows, per-round ratios, load averages) and `compare.png`
+(tokens/s and MFU per system) into --out.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from engine.bench.peak import Peak, cpu_peak
+from engine.bench.peak import Peak, cpu_peak, model_gemm_shapes
 from engine.bench.row import BenchRow, format_table, read_rows, write_rows
 
 SYSTEMS = ("engine", "transformers", "megatron-core")
@@ -68,6 +71,17 @@ def ratios(rows: list[BenchRow]) -> dict[str, float]:
             for name, r in by.items() if name != "engine"}
 
 
+def round_ratios(rounds: list[dict[str, BenchRow]]) -> dict[str, dict]:
+    """Per ratio: its value in every round (systems run back to back) and min/median/max."""
+    per_round = [ratios(list(r.values())) for r in rounds]
+    out = {}
+    for name in per_round[0] if per_round else ():
+        values = [r[name] for r in per_round]
+        out[name] = {"per_round": values, "min": min(values),
+                     "median": statistics.median(values), "max": max(values)}
+    return out
+
+
 def plot(rows: list[BenchRow], path: Path, title: str) -> Path | None:
     """A two-panel bar chart (tokens/s, MFU); None when matplotlib is missing."""
     try:
@@ -105,28 +119,37 @@ def compare(recipe, out: Path, *, systems=SYSTEMS, steps: int, warmup: int, thre
     out.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "recipe.yaml"
     dump_recipe(recipe, recipe_path)
+    from engine.bench.baselines import recipe_padded_vocab_size
+
     torch.set_num_threads(threads)
-    peak = None if torch.cuda.is_available() else cpu_peak(recipe.train.precision, threads)
+    shapes = model_gemm_shapes(recipe.model, recipe.train.micro_batch_size *
+                               recipe.data.seq_length, recipe_padded_vocab_size(recipe))
+    peak = None if torch.cuda.is_available() else \
+        cpu_peak(recipe.train.precision, threads, shapes)
     best: dict[str, BenchRow] = {}
+    rounds: list[dict[str, BenchRow]] = []
     loads: dict[str, list[float]] = {s: [] for s in systems}
     for round_ in range(repeats):
+        rounds.append({})
         for system in systems:
             loads[system].append(os.getloadavg()[0])
             print(f"[{round_ + 1}/{repeats}] {system} (load average {loads[system][-1]:.2f})",
                   file=sys.stderr, flush=True)
             row = _run_system(system, recipe_path, out, steps=steps, warmup=warmup,
                               threads=threads, peak=peak, timeout=timeout)
+            rounds[-1][system] = row
             if system not in best or row.tokens_per_s > best[system].tokens_per_s:
                 best[system] = row
     rows = [best[s] for s in systems]
     if peak is not None:  # measured again after the runs; the better of the two is the peak
-        again = cpu_peak(recipe.train.precision, threads)
+        again = cpu_peak(recipe.train.precision, threads, shapes)
         if again.tflops > peak.tflops:
             peak = Peak(again.tflops, again.source + " (the better of before/after the runs)")
             rows = [with_peak(r, peak) for r in rows]
     result = {"rows": [dataclasses.asdict(r) for r in rows],
-              "ratios": ratios(rows), "load_average_before_runs": loads,
-              "repeats": repeats, "threads": threads}
+              "ratios": ratios(rows), "round_ratios": round_ratios(rounds),
+              "rounds": [{s: dataclasses.asdict(r) for s, r in rnd.items()} for rnd in rounds],
+              "load_average_before_runs": loads, "repeats": repeats, "threads": threads}
     write_rows(rows, out / "compare.csv")
     (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
     chart = plot(rows, out / "compare.png", rows[0].model + f" | {rows[0].precision} | "
@@ -134,5 +157,8 @@ def compare(recipe, out: Path, *, systems=SYSTEMS, steps: int, warmup: int, thre
     result["chart"] = str(chart) if chart else None
     print(format_table(rows))
     for name, value in result["ratios"].items():
-        print(f"{name} tokens/s: {value:.2f}x")
+        r = result["round_ratios"][name]
+        print(f"{name} tokens/s: {value:.2f}x (fastest runs) | per round over {repeats} "
+              f"interleaved rounds: min {r['min']:.2f}x, median {r['median']:.2f}x, max "
+              f"{r['max']:.2f}x")
     return result

@@ -2,8 +2,11 @@
 
 GPU: dense (no sparsity) tensor-core peaks per device from the vendors' datasheets.
 CPU: there is no honest datasheet number for a shared VM's cores, so the benchmark measures this
-machine's own GEMM rate (a large square matmul in the training dtype, on the threads the run
-uses, in the same run) and reports MFU against it: a ratio to what this machine does, not a guess.
+machine's own GEMM rate on the threads the run uses, in the same run, as the best of several
+shapes: large squares and the model's own GEMMs in all three orientations (forward, input
+gradient, weight gradient; `model_gemm_shapes`). A ceiling, then: the GEMMs of a training step
+cannot run faster than the best of those shapes in isolation, so MFU against it is at most the
+step's GEMM share (engine.bench.profile).
 """
 
 from __future__ import annotations
@@ -44,34 +47,61 @@ def gpu_peak(device_name: str, precision: str) -> Peak:
                       "engine/bench/peak.py GPU_PEAKS_TFLOPS")
 
 
-def measure_gemm_tflops(precision: str = "fp32", size: int = 2048, repeats: int = 10,
-                        device: str = "cpu") -> float:
-    """Best rate of `repeats` square matmuls of `size` on the current threads, in TFLOP/s (the
-    best, since other jobs on a shared machine can only slow a matmul down)."""
+SQUARES = ((2048, 2048, 2048), (3072, 3072, 3072))
+"""(m, k, n) of the square GEMMs every CPU peak includes."""
+
+
+def model_gemm_shapes(model, tokens: int, padded_vocab_size: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every GEMM of a Llama-family layer and the output layer on `tokens` rows
+    (one microbatch): forward [m, k] x [k, n], input gradient [m, n] x [n, k], weight gradient
+    [k, m] x [m, n]. Pure."""
+    h, heads = model.hidden_size, model.num_attention_heads
+    d = model.kv_channels or h // heads
+    groups = model.num_query_groups or heads
+    ffn = model.ffn_hidden_size if model.moe is None else \
+        (model.moe.ffn_hidden_size or model.ffn_hidden_size)
+    forward = [(tokens, h, (heads + 2 * groups) * d), (tokens, heads * d, h),
+               (tokens, h, 2 * ffn), (tokens, ffn, h), (tokens, h, padded_vocab_size)]
+    shapes = []
+    for m, k, n in forward:
+        shapes += [(m, k, n), (m, n, k), (k, m, n)]
+    return list(dict.fromkeys(shapes))
+
+
+def measure_gemm_tflops(precision: str, shapes, *, repeats: int = 3,
+                        device: str = "cpu") -> tuple[float, tuple[int, int, int]]:
+    """(best TFLOP/s, its shape) over `repeats` timed matmuls of each (m, k, n) on the current
+    threads (the best, since other jobs on a shared machine can only slow a matmul down)."""
     dtype = DTYPES[precision]
     g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
-    a @ b  # warm up the BLAS and its thread pool
-    best = float("inf")
-    for _ in range(repeats):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e12
+    best, where = 0.0, None
+    for m, k, n in shapes:
+        a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+        b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
+        a @ b  # warm up the BLAS and its thread pool
+        for _ in range(repeats):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            a @ b
+            if device != "cpu":
+                torch.cuda.synchronize()
+            rate = 2 * m * k * n / (time.perf_counter() - start) / 1e12
+            if rate > best:
+                best, where = rate, (m, k, n)
+    return best, where
 
 
-def cpu_peak(precision: str, threads: int, size: int = 2048) -> Peak:
-    tflops = measure_gemm_tflops(precision, size)
-    return Peak(tflops, f"measured {precision} GEMM {size}x{size}, {threads} threads, this run")
+def cpu_peak(precision: str, threads: int, shapes=()) -> Peak:
+    """The best GEMM rate of the squares and `shapes` (the model's, `model_gemm_shapes`)."""
+    tflops, (m, k, n) = measure_gemm_tflops(precision, [*SQUARES, *shapes])
+    return Peak(tflops, f"measured {precision} GEMM, best of {len(SQUARES) + len(shapes)} shapes "
+                        f"({m}x{k}x{n}), {threads} threads, this run")
 
 
-def device_peak(precision: str) -> Peak:
-    """The peak for where this process trains: the GPU table on CUDA, a measurement on CPU."""
+def device_peak(precision: str, shapes=()) -> Peak:
+    """The peak for where this process trains: the GPU table on CUDA, a measurement on CPU
+    (over the squares and `shapes`)."""
     if torch.cuda.is_available():
         return gpu_peak(torch.cuda.get_device_name(), precision)
-    return cpu_peak(precision, torch.get_num_threads())
+    return cpu_peak(precision, torch.get_num_threads(), shapes)

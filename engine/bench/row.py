@@ -66,6 +66,14 @@ class BenchRow:
     kernels: str
     """Fused kernels: 'csrc' (the built ops), 'reference' (PyTorch fallbacks), 'off', or '-'."""
     flop_formula: str = FLOP_FORMULA
+    data_wait_share: float | None = None
+    """Share of the timed steps' wall time spent making their batches (reading, collating,
+    moving to the device): what a faster data loader could save at most."""
+    gemm_time_share: float | None = None
+    """Share of one profiled step's time spent in GEMMs (engine.bench.profile)."""
+    gemm_tflops_per_device: float | None = None
+    """The GEMM rate that step achieved: GEMM FLOPs / GEMM time (at most the CPU peak, which
+    is measured on the model's own GEMM shapes)."""
 
 
 FIELDS = [f.name for f in dataclasses.fields(BenchRow)]
@@ -120,15 +128,17 @@ COLUMNS = [("system", "system"), ("layout", "layout"), ("devices", "dev"),
            ("global_batch", "gbs"), ("seq_length", "seq"), ("tokens_per_s", "tok/s"),
            ("tokens_per_s_per_device", "tok/s/dev"), ("step_time_median_s", "step_s"),
            ("step_time_p90_s", "p90_s"), ("tflops_per_device", "TFLOP/s/dev"),
-           ("mfu", "MFU"), ("mfu_megatron", "MFU_mcore"), ("peak_memory_gib", "mem_GiB"),
-           ("kernels", "kernels")]
+           ("mfu", "MFU"), ("mfu_megatron", "MFU_mcore"), ("gemm_time_share", "GEMM%"),
+           ("gemm_tflops_per_device", "GEMM_TF/s"), ("data_wait_share", "data%"),
+           ("peak_memory_gib", "mem_GiB"), ("kernels", "kernels")]
 """The console table: the fields that differ between rows; the rest is printed once below it."""
 
 
 def format_table(rows: list[BenchRow]) -> str:
     cells = [[title for _, title in COLUMNS]]
     for row in rows:
-        cells.append([f"{100 * getattr(row, name):.1f}%" if name.startswith("mfu")
+        cells.append([f"{100 * getattr(row, name):.1f}%" if (name.startswith("mfu") or
+                                                             name.endswith("_share"))
                       and getattr(row, name) is not None else _fmt(getattr(row, name))
                       for name, _ in COLUMNS])
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]

@@ -34,6 +34,9 @@ def _check_row(row, *, system: str, devices: int = 1):
     assert row.mfu == pytest.approx(row.tflops_per_device / row.peak_tflops_per_device)
     assert 0 < row.mfu < 1 and row.peak_memory_gib > 0
     assert 6.0 < row.loss_first < 8.0  # ln(1024) = 6.93: random init on random tokens
+    # where the time went: batches (timed apart from the step) and GEMMs (a profiled step)
+    assert 0 < row.data_wait_share < 1 and 0 < row.gemm_time_share < 1
+    assert row.gemm_tflops_per_device > 0
 
 
 def test_bench_train_prints_and_writes_one_row(tmp_path, capsys):
@@ -57,7 +60,21 @@ def test_bench_kernels(tmp_path, capsys):
     for r in rows:
         assert r["reference_ms"] > 0 and r["fused_ms"] > 0
         assert r["speedup"] == pytest.approx(r["reference_ms"] / r["fused_ms"])
-    assert "speedup" in capsys.readouterr().out
+        assert r["error"] < 1 and r["max_abs_error"] >= 0  # the outputs were compared too
+    out = capsys.readouterr().out
+    assert "speedup" in out and out.count(" ok") == 4 and "FAILED" not in out
+
+
+def test_bench_kernels_fails_a_wrong_kernel(monkeypatch, capsys):
+    """The correctness column could fail: a fused RMSNorm off by 1% exits 1."""
+    from engine.bench import kernels
+    from engine.kernels.rmsnorm import fused_rms_norm
+
+    monkeypatch.setattr(kernels, "fused_rms_norm", lambda x, w, eps: fused_rms_norm(x, w, eps) *
+                        1.01)
+    assert bench(["kernels", "--tokens", "64", "--batch", "2", "--hidden", "32", "--ffn", "48",
+                  "--heads", "2", "--head-dim", "16", "--vocab", "100", "--repeats", "1"]) == 1
+    assert "FAILED" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -75,6 +92,8 @@ def test_bench_compare_runs_three_systems(tmp_path):
     peaks = {r["peak_tflops_per_device"] for r in data["rows"]}
     assert len(peaks) == 1  # one peak, measured once, for every system
     assert set(data["ratios"]) == {"engine/transformers", "engine/megatron-core"}
+    ratio = data["round_ratios"]["engine/transformers"]
+    assert len(ratio["per_round"]) == 1 and ratio["min"] == ratio["median"] == ratio["max"]
     assert (out / "compare.csv").is_file() and (out / "compare.png").stat().st_size > 1000
 
 
