@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from engine.kernels.ops import use_kernel
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
+CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 512 * 2**20}
 """Logits per chunk, in bytes, by device: bounds the chunk's memory while keeping the chunk's
-GEMMs large (on an H200, 512 MiB is ~2,000 tokens of a 128k bf16 vocabulary)."""
+GEMMs large (on an H200, 512 MiB is ~2,000 tokens of a 128k bf16 vocabulary; on CPU 256 MiB is
+2,097 tokens of a 32k fp32 vocabulary: at 524-token chunks (64 MiB) the chunk GEMMs ran at 80
+instead of 100-120 GFLOP/s on 2 cores, measured by `engine bench train --profile`)."""
 
 
 def linear_cross_entropy(
@@ -84,8 +86,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if dh is not None:
             grad_hidden = (dh * g[:, None]).to(hidden.dtype)
         if dw is not None:
-            if bool((g == g[0]).all()):
-                grad_weight = (dw * g[0]).to(weight.dtype)
+            if bool((g == g[0]).all()):  # one scale for all (1 under per-token loss): no pass
+                grad_weight = (dw if g[0] == 1 else dw * g[0]).to(weight.dtype)
             else:  # per-token scales (a loss mask): recompute the chunks with them
                 grad_weight = _weight_grad(hidden, weight, target, g, ctx.ignore_index, ctx.rows)
         return grad_hidden, grad_weight, None, None, None

@@ -99,7 +99,25 @@ def _optimizer(recipe: Recipe, tc, chunks):
         use_distributed_optimizer=recipe.parallel.distributed_optimizer,
         overlap_param_gather=recipe.parallel.overlap_param_gather,
     )
-    return get_megatron_optimizer(config, chunks)
+    optimizer = get_megatron_optimizer(config, chunks)
+    _fuse_torch_adam(optimizer)
+    return optimizer
+
+
+def _fuse_torch_adam(optimizer) -> None:
+    """Without TE or apex, megatron-core builds torch.optim.AdamW with torch's default
+    implementation, which on CPU runs one pass over memory per elementwise op and tensor (0.55 s
+    of a 6.8 s step at 58M parameters, measured by `engine bench train --profile`). torch's fused
+    AdamW updates each tensor in one pass, on CPU and CUDA; the groups say so before the first
+    step (a checkpoint's saved groups, loaded after, keep what they were saved with)."""
+    import torch
+
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
+            inner.defaults.update(fused=True, foreach=False)
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
 
 
 def _hook_schedules(recipe: Recipe, tc, chunks, optimizer) -> None:
