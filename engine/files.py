@@ -1,13 +1,36 @@
-"""Writing a directory so that a failure leaves nothing behind: fill a temporary sibling, rename
-it into place when complete. Standard library only."""
+"""Writing files and directories so that a failure leaves nothing behind: fill a temporary
+sibling, rename it into place when complete. Standard library only."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same directory, flushed to disk
+    and renamed over `path`: readers see the old file or the new one, never a part. The file
+    gets the usual permissions (0666 less the umask), not mkstemp's private 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 @contextlib.contextmanager

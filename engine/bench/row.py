@@ -11,11 +11,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.files import write_atomic
 
 FLOP_FORMULA = ("palm: 6*N_matmul + 6*L*2*H_q*head_dim*T per token, no causal discount (the MFU "
                 "column); megatron: causal attention counted at half (mfu_megatron)")
@@ -150,14 +150,6 @@ def format_table(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_rows(rows: list[BenchRow], path: str | Path) -> Path:
     """Rows to .json (one object, or a list when several) or .csv, atomically."""
     path = Path(path)
@@ -169,9 +161,9 @@ def write_rows(rows: list[BenchRow], path: str | Path) -> Path:
         writer = csv.DictWriter(buf, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(data)
-        _atomic_write(path, buf.getvalue())
+        write_atomic(path, buf.getvalue())
     else:
-        _atomic_write(path, json.dumps(data[0] if len(data) == 1 else data, indent=1) + "\n")
+        write_atomic(path, json.dumps(data[0] if len(data) == 1 else data, indent=1) + "\n")
     return path
 
 

@@ -31,6 +31,7 @@ from engine.checkpoint.rng import restore_rng, rng_layout, rng_object
 from engine.checkpoint.state import TrainState, read_train_state
 from engine.config.loader import recipe_to_yaml
 from engine.config.recipe import Recipe
+from engine.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,6 @@ TRACKER = "latest_checkpointed_iteration.txt"
 
 def _iter_dir(root: Path, step: int) -> Path:
     return root / f"iter_{step:07d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path | None:
@@ -110,12 +105,12 @@ def save_checkpoint(
     dist_checkpointing.save(sharded, str(partial), content_metadata={"layout": asdict(layout)})
     dist.barrier()
     if rank0:
-        _write_atomic(partial / "recipe.yaml", recipe_to_yaml(recipe))
-        _write_atomic(partial / "train_state.json", json.dumps(asdict(state), indent=1))
+        write_atomic(partial / "recipe.yaml", recipe_to_yaml(recipe))
+        write_atomic(partial / "train_state.json", json.dumps(asdict(state), indent=1))
         if final.exists():  # re-saving a step (e.g. after a crash before the tracker moved)
             shutil.rmtree(final)
         os.replace(partial, final)
-        _write_atomic(root / TRACKER, f"{state.step}\n")
+        write_atomic(root / TRACKER, f"{state.step}\n")
         apply_retention(root, keep_last, keep=final)
     dist.barrier()
     return final

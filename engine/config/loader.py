@@ -1,7 +1,8 @@
 """YAML recipes and dotted overrides into the typed `Recipe`, and back.
 
 Owns reading/writing recipe files, `key=value` overrides, type coercion by the fields' annotations
-and the unknown-key suggestions. Imports only the config package, `yaml` and the standard library.
+and the unknown-key suggestions. Imports only the config package, `yaml`, the standard library and
+engine.files (atomic writes).
 
 Coercion is strict and by annotation: int fields take ints only (not bools, not 2.0); float fields
 take ints, floats and numeric strings, because PyYAML follows YAML 1.1, where `3e-4` (no dot) is a
@@ -13,9 +14,7 @@ import copy
 import dataclasses
 import difflib
 import functools
-import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -386,16 +385,7 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the recipe as YAML to `path` atomically: a temporary file in the folder, renamed."""
-    path = Path(path)
-    text = recipe_to_yaml(recipe)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the recipe as YAML to `path` atomically (engine.files.write_atomic)."""
+    from engine.files import write_atomic
+
+    write_atomic(path, recipe_to_yaml(recipe))

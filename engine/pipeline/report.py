@@ -1,14 +1,17 @@
-"""`report.md` and PNG plots of a pipeline run, from what the stages left on disk: TensorBoard
-events (losses), stage recipes (tokens per step), upcycle reports (step-0 losses) and stage.json
-(wall time). Reading and arithmetic are separate from drawing so tests can check the numbers."""
+"""`report.md` (its figures also in `report.json`) and PNG plots of a pipeline run, from what
+the stages left on disk: TensorBoard events (losses), stage recipes (tokens per step), upcycle
+reports (step-0 losses) and stage.json (wall time). Reading and arithmetic are separate from
+drawing so tests can check the numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.files import write_atomic
 from engine.pipeline.config import Pipeline, Stage
 from engine.pipeline.stages import done, output
 
@@ -209,7 +212,8 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 
 
 def write_report(pipe: Pipeline) -> Path:
-    """Write `<out>/report.md` and its plots; returns the report's path."""
+    """Write `<out>/report.md`, the same figures as `report.json`, and the plots; returns the
+    report's path."""
     out = Path(pipe.out)
     curves = {s.name: read_curve(pipe, s) for s in pipe.stages
               if s.kind == "train" and (pipe.stage_dir(s.name) / "recipe.yaml").is_file()}
@@ -258,11 +262,23 @@ def write_report(pipe: Pipeline) -> Path:
                      f"{c.stage_final:.4f} | {_fmt(c.tokens_to_reach, ',.0f')} | "
                      f"{_fmt(c.token_ratio, '.2f')} | {_fmt(c.compute_ratio, '.2f')} |")
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    figures = {"stages": [{"stage": s.name, "kind": s.kind, "source": s.source,
+                           "done": done(pipe, s), **_curve_figures(curves.get(s.name))}
+                          for s in pipe.stages],
+               "growth": growth, "step0": step0_continuity(pipe, curves),
+               "comparisons": [dataclasses.asdict(c) for c in comps]}
+    write_atomic(out / "report.json", json.dumps(figures, indent=1) + "\n")
+    return write_atomic(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _curve_figures(c: Curve | None) -> dict:
+    """A train stage's figures for report.json (the numbers behind report.md's tables)."""
+    if c is None:
+        return {}
+    return {"steps": c.steps, "tokens": c.tokens, "seconds": c.seconds,
+            "train_loss": c.train[-1][1] if c.train else None,
+            "valid_loss": {v: pts[-1][1] for v, pts in c.valid.items() if pts}}
+
 
 
 def _valid_names(curves: dict[str, Curve]) -> list[str]:

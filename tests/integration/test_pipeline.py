@@ -1,6 +1,7 @@
 """`engine pipeline run` end to end at micro size: every stage kind, skipping what is done,
 continuing after an interruption, the report with its continuity and baseline tables."""
 
+import json
 import os
 import subprocess
 import sys
@@ -88,6 +89,9 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, make_recipe):
     assert all(abs(r["after"] - r["before"]) < 1e-4 for r in step0.values())
 
     report = (tmp_path / "run" / "report.md").read_text()
+    figures = json.loads((tmp_path / "run" / "report.json").read_text())  # the same numbers
+    assert {g["stage"] for g in figures["growth"]} == {"grow", "moe"}
+    assert [s["stage"] for s in figures["stages"]] == [s.name for s in pipe.stages]
     assert "| cpt | cpt_random (random init) | code |" in report
     for png in ("loss_all_stages.png", "growth_step0.png", "baselines_cpt.png"):
         assert (tmp_path / "run" / png).stat().st_size > 10_000

@@ -1,7 +1,7 @@
 """Parameter counts of the real-shape recipes, against published figures and transformers itself."""
 
-import pytest
 import torch
+import transformers  # a dev dependency: the oracle here, never optional
 
 from engine.config.loader import load_recipe
 from engine.models.params import count_parameters
@@ -9,7 +9,6 @@ from engine.models.params import count_parameters
 
 def _hf_count(model, vocab_size: int) -> int:
     """The same shape built by transformers on the meta device (no memory), counted."""
-    transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=model.hidden_size,
