@@ -127,9 +127,9 @@ def compare_main(argv: list[str]) -> int:
 def kernels_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="engine bench kernels",
                                 description="Each fused kernel vs its PyTorch reference.")
-    shape = {"tokens": 2048, "batch": 4, "hidden": 512, "ffn": 1408, "heads": 8,
-             "head-dim": 64, "vocab": 32000}
-    for name, default in shape.items():
+    shape = {"tokens": 2048, "batch": 4, "hidden-size": 512, "ffn-hidden-size": 1408,
+             "num-attention-heads": 8, "kv-channels": 64, "vocab-size": 32000}
+    for name, default in shape.items():  # the model keys' names (model.hidden_size, ...)
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -140,8 +140,9 @@ def kernels_main(argv: list[str]) -> int:
     _threads(args.threads)
     from engine.bench.kernels import bench_kernels, format_kernel_table, kernel_rows_as_dicts
 
-    rows = bench_kernels(tokens=args.tokens, batch=args.batch, hidden=args.hidden, ffn=args.ffn,
-                         heads=args.heads, head_dim=args.head_dim, vocab=args.vocab,
+    rows = bench_kernels(tokens=args.tokens, batch=args.batch, hidden=args.hidden_size,
+                         ffn=args.ffn_hidden_size, heads=args.num_attention_heads,
+                         head_dim=args.kv_channels, vocab=args.vocab_size,
                          precision=args.precision, device=args.device, repeats=args.repeats)
     print(format_kernel_table(rows))
     if args.out:

@@ -52,9 +52,9 @@ def test_bench_train_prints_and_writes_one_row(tmp_path, capsys):
 
 
 def test_bench_kernels(tmp_path, capsys):
-    assert bench(["kernels", "--tokens", "128", "--batch", "2", "--hidden", "64", "--ffn",
-                  "96", "--heads", "4", "--head-dim", "16", "--vocab", "500", "--repeats", "2",
-                  "--out", str(tmp_path)]) == 0
+    assert bench(["kernels", "--tokens", "128", "--batch", "2", "--hidden-size", "64",
+                  "--ffn-hidden-size", "96", "--num-attention-heads", "4", "--kv-channels", "16",
+                  "--vocab-size", "500", "--repeats", "2", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "kernels.json").read_text())
     assert [r["kernel"] for r in rows] == ["rms_norm", "swiglu", "rope", "linear_cross_entropy"]
     for r in rows:
@@ -72,8 +72,9 @@ def test_bench_kernels_fails_a_wrong_kernel(monkeypatch, capsys):
 
     monkeypatch.setattr(kernels, "fused_rms_norm", lambda x, w, eps: fused_rms_norm(x, w, eps) *
                         1.01)
-    assert bench(["kernels", "--tokens", "64", "--batch", "2", "--hidden", "32", "--ffn", "48",
-                  "--heads", "2", "--head-dim", "16", "--vocab", "100", "--repeats", "1"]) == 1
+    assert bench(["kernels", "--tokens", "64", "--batch", "2", "--hidden-size", "32",
+                  "--ffn-hidden-size", "48", "--num-attention-heads", "2", "--kv-channels", "16",
+                  "--vocab-size", "100", "--repeats", "1"]) == 1
     assert "FAILED" in capsys.readouterr().out
 
 

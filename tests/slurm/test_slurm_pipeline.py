@@ -28,7 +28,7 @@ def _pipeline(tmp_path, make_recipe) -> str:
         "stages": [
             {"name": "pretrain", "kind": "train"},
             {"name": "grow", "kind": "scale_up", "source": "pretrain",
-             "args": {"layers": 4, "width_method": "exact", "depth_method": "identity"}},
+             "args": {"num_layers": 4, "width_method": "exact", "depth_method": "identity"}},
             {"name": "cpt", "kind": "train", "source": "grow"},
         ],
     }
