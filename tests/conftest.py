@@ -211,3 +211,110 @@ def converted(hf_models, tmp_path_factory):
     return {name: hf_to_engine(d, out / name, tp=2 if name in ("qwen2", "aquila") else 1,
                                progress=False)
             for name, (d, _) in hf_models.items()}
+
+
+# --- an HF-format tokenizer (tokenizer.json) for the evaluation oracle ------------------------
+
+def train_bpe_tokenizer(jsonl: Path, out: Path, vocab_size: int = 512) -> Path:
+    """A byte-level BPE `tokenizer.json` (+ tokenizer_config.json naming <|endoftext|> as EOS and
+    BOS) trained with the `tokenizers` library: what transformers' AutoTokenizer and the engine's
+    `--tokenizer-type hf` both read, with the same ids."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator((json.loads(line)["text"] for line in open(jsonl)), trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+        "bos_token": "<|endoftext|>"}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """`train_bpe_tokenizer(jsonl, out, vocab_size)`."""
+    return train_bpe_tokenizer
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_data(tiny_data):
+    """The stdlib corpus with a 512-token HF tokenizer: .bin/.idx for train and valid, and three
+    lm-eval tasks on the held-out modules in tasks/: next-line multiple choice (loglikelihood),
+    rolling perplexity (loglikelihood_rolling) and line completion (generate_until)."""
+    import yaml
+
+    from engine.data.preprocess import preprocess
+    from engine.data.tokenizer import load_tokenizer
+    from engine.eval.tasks import NextLineSpec, next_line_docs, write_task
+
+    base = tiny_data["dir"]
+    out = base / "hf"
+    tok_dir = train_bpe_tokenizer(base / "code-train.jsonl", out / "tokenizer")
+    tok = load_tokenizer("hf", tok_dir)
+    for split in ("train", "valid"):
+        preprocess([str(base / f"code-{split}.jsonl")], str(out / f"code-{split}"), tok,
+                   progress=False)
+    texts = [json.loads(line)["text"] for line in open(base / "code-valid.jsonl")]
+    tasks = out / "tasks"
+    spec = NextLineSpec(samples=24, seed=1)
+    write_task("tiny_next_line", tasks, next_line_docs(texts, spec), spec, source="code-valid")
+    snippets = [t[:300] for t in texts[:6]]
+    (tasks / "snippets.jsonl").write_text("".join(json.dumps({"text": s}) + "\n"
+                                                  for s in snippets))
+    (tasks / "tiny_rolling.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_rolling", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": "snippets.jsonl"}}, "test_split": "test",
+        "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}]}))
+    lines = [{"context": d["context"], "target": d["choices"][d["label"]]}
+             for d in next_line_docs(texts, NextLineSpec(samples=6, seed=2))]
+    (tasks / "complete.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tasks / "tiny_complete.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_complete", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": "complete.jsonl"}}, "test_split": "test",
+        "output_type": "generate_until", "doc_to_text": "{{context}}\n",
+        "doc_to_target": "{{target}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}]}))
+    return {"dir": out, "tokenizer": str(tok_dir), "train": str(out / "code-train"),
+            "valid": str(out / "code-valid"), "tasks": str(tasks)}
+
+
+@pytest.fixture(scope="session")
+def hf_recipe(make_recipe, hf_tiny_data):
+    """`hf_recipe(save_dir, **model_keys)`: the tiny recipe on the HF-tokenized corpus, 4 steps."""
+    def build(save, **model):
+        r = make_recipe(tokenizer={"type": "hf", "path": hf_tiny_data["tokenizer"]},
+                        data={"blend": [{"path": hf_tiny_data["train"], "weight": 1.0}],
+                              "valid": {"code": hf_tiny_data["valid"]}},
+                        train={"steps": 4}, checkpoint={"save": str(save)})
+        r["model"].update(max_position_embeddings=512, **model)
+        return r
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def eval_models(hf_recipe, tmp_path_factory):
+    """{kind: (checkpoint, exported HF directory)}: a dense Llama and a 4-expert Mixtral trained
+    4 steps on the HF-tokenized corpus, exported in fp32."""
+    from engine.config.loader import recipe_from_dict
+    from engine.convert.exporter import engine_to_hf
+    from engine.train.loop import train
+
+    tmp = tmp_path_factory.mktemp("eval_models")
+    out = {}
+    for kind, model in (("dense", {}), ("moe", {"family": "mixtral",
+                                                "moe": {"num_experts": 4, "topk": 2}})):
+        result = train(recipe_from_dict(hf_recipe(tmp / kind, **model)))
+        hf = engine_to_hf(result.checkpoint, tmp / f"{kind}-hf", dtype="fp32",
+                          progress=False).path
+        out[kind] = (result.checkpoint, hf)
+    return out

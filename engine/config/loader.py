@@ -70,6 +70,15 @@ def _entry_type(tp: typing.Any) -> type | None:
     return None
 
 
+def _scalar_tuple(tp: typing.Any) -> type | None:
+    """The scalar `X` of a `tuple[X, ...]` annotation (str, int, float), else None."""
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in (str, int, float):
+            return args[0]
+    return None
+
+
 def _schema_paths(cls: type, prefix: str = "") -> list[str]:
     """Every dotted path of the schema, sections included; list entries appear as `key[].field`."""
     paths = []
@@ -144,6 +153,8 @@ def _type_name(tp: typing.Any) -> str:
         return "a mapping"
     if _entry_type(tp) is not None:
         return "a list of mappings"
+    if (scalar := _scalar_tuple(tp)) is not None:
+        return f"a list of {scalar.__name__}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -175,7 +186,7 @@ def _coerce(ctx: _Context, key: str, tp: typing.Any, value: object, meta: Mappin
         entry = _entry_type(tp)
         return tuple(entry(name=str(n), path=_coerce(ctx, f"{key}.{n}", str, p, {}))
                      for n, p in value.items())
-    if (entry := _entry_type(tp)) is not None:
+    if (entry := _entry_type(tp) or _scalar_tuple(tp)) is not None:
         if not isinstance(value, (list, tuple)):
             raise _wrong_type(ctx, key, shown, value)
         return tuple(_coerce(ctx, f"{key}[{i}]", entry, v, {}) for i, v in enumerate(value))

@@ -344,6 +344,34 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class EvalConfig:
+    """Key `eval`: lm-evaluation-harness task probes during training (engine.eval), on the
+    training model at the steps the validation losses are evaluated (train.eval_interval and
+    train.eval_interval_early, step 0 included), logged as `tasks/<task>/acc` and `acc_norm`."""
+
+    tasks: tuple[str, ...] = ()
+    """Task names: configs/tasks/, eval.include_path, lm-eval's registry (data available
+    locally); empty = no probes."""
+    limit: int | None = 100
+    """At most this many documents per task at each evaluation (bounds the cost); null = all."""
+    num_fewshot: int | None = None
+    """Few-shot examples per request; null = each task's own setting."""
+    include_path: str | None = None
+    """Another directory of task YAMLs, searched after configs/tasks/."""
+    batch_size: int = 16
+    """Sequences per forward pass of the probes."""
+    seed: int = 1234
+    """Few-shot sampling seed (engine eval --seed)."""
+
+    def __post_init__(self):
+        at_least("eval.limit", self.limit, 1)
+        at_least("eval.num_fewshot", self.num_fewshot, 0)
+        at_least("eval.batch_size", self.batch_size, 1)
+        if len(set(self.tasks)) != len(self.tasks) or any(not t for t in self.tasks):
+            raise ConfigError(f"eval.tasks: expected distinct task names, got {list(self.tasks)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Recipe:
     """A whole training run; cross-section rules are in `engine.config.validate.validate`."""
 
@@ -363,3 +391,5 @@ class Recipe:
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Task probes during training (lm-evaluation-harness)."""

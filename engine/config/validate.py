@@ -145,8 +145,15 @@ def _check_training(recipe: Recipe) -> None:
     for key in ("eval_interval", "eval_interval_early"):
         value = getattr(train, key)
         if value is not None:
-            _require(bool(data.valid) or data.synthetic,
-                     f"train.{key}={value} needs data.valid (none given)")
+            _require(bool(data.valid) or data.synthetic or bool(recipe.eval.tasks),
+                     f"train.{key}={value} needs data.valid or eval.tasks (none given)")
+    if recipe.eval.tasks:
+        _require(recipe.tokenizer.type != "none",
+                 f"eval.tasks={list(recipe.eval.tasks)} needs a tokenizer (tokenizer.type is "
+                 "none): the probes are text")
+        _require(train.eval_interval is not None or train.eval_interval_early is not None,
+                 f"eval.tasks={list(recipe.eval.tasks)} runs at the evaluation steps: set "
+                 "train.eval_interval (or train.eval_interval_early)")
 
 
 def _check_replay(recipe: Recipe, global_batch_size: int) -> None:

@@ -31,6 +31,8 @@ class TrainResult:
     grad_norms: dict[int, float | None] = field(default_factory=dict)
     valid: dict[int, dict[str, float]] = field(default_factory=dict)
     """Validation losses per named set, by step."""
+    tasks: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """Task probe figures ({task: {acc, acc_norm}}) by step (eval.tasks)."""
     moe: dict = field(default_factory=dict)
     """MoE reports (engine.train.moe_metrics.MoEReport) by log step."""
     final_step: int = 0
@@ -57,6 +59,20 @@ def _evaluate(session: Session) -> dict[str, float]:
             micro_batch_size=layout.micro_batch_size,
         )
     return losses
+
+
+def _evaluates(session: Session) -> bool:
+    return bool(session.valid_data) or session.probes is not None
+
+
+def _evaluate_step(session: Session, metrics: Metrics, result: TrainResult, step: int) -> None:
+    """The validation losses and the task probes of `step`, recorded and logged."""
+    if session.valid_data:
+        result.valid[step] = _evaluate(session)
+        metrics.valid(step, result.valid[step])
+    if session.probes is not None:
+        result.tasks[step] = session.probes.evaluate()
+        metrics.tasks(step, result.tasks[step])
 
 
 def _save(session: Session, result: TrainResult) -> None:
@@ -150,9 +166,8 @@ def _start_stage(session: Session, metrics: Metrics, result: TrainResult) -> Non
                   index=len(state.earlier_stages),
                   show=bool(state.stage or session.initialized_from))
     metrics.token_totals(_token_counts(session, 0, {}))
-    if session.valid_data and session.recipe.train.eval_interval_early:
-        result.valid[0] = _evaluate(session)
-        metrics.valid(0, result.valid[0])
+    if _evaluates(session) and session.recipe.train.eval_interval_early:
+        _evaluate_step(session, metrics, result, 0)
 
 
 def run(session: Session, stop_request: StopRequest | None = None) -> TrainResult:
@@ -196,9 +211,8 @@ def run(session: Session, stop_request: StopRequest | None = None) -> TrainResul
                     microbatches=layout.num_microbatches * len(times))
                 metrics.moe(step, result.moe[step])
             losses, times, tokens = [], [], {}
-        if session.valid_data and _eval_due(step, train, last):
-            result.valid[step] = _evaluate(session)
-            metrics.valid(step, result.valid[step])
+        if _evaluates(session) and _eval_due(step, train, last):
+            _evaluate_step(session, metrics, result, step)
             metrics.token_totals(_token_counts(session, step, {}))
         stop = _due(step, train.exit_interval)
         requested = not last and stop_request is not None and \

@@ -1,7 +1,8 @@
 """Training metrics: one fixed-format console line per log step and the same scalars in TensorBoard.
 
 Tag names are the console names: `train/loss`, `train/lr`, `train/grad_norm`, `train/tokens_per_s`,
-`train/tflops_per_device`, `valid/<name>/loss`, `valid/<name>/ppl`. Token accounting:
+`train/tflops_per_device`, `valid/<name>/loss`, `valid/<name>/ppl`, and the task probes'
+`tasks/<task>/acc`, `tasks/<task>/acc_norm` (engine.eval). Token accounting:
 `tokens/total` (this stage), `tokens/total_all_stages` (with the stages before it: an x axis for
 several stages), `tokens/source/<source>` (this stage) and `tokens/fraction/<source>` (the share of
 the tokens since the previous log step); the totals are also written at evaluation steps. A stage
@@ -88,6 +89,14 @@ class Metrics:
         self.line(f"valid step {step} | " + " | ".join(parts))
         for name, loss in losses.items():
             self.scalars(step, {f"valid/{name}/loss": loss, f"valid/{name}/ppl": _ppl(loss)})
+
+    def tasks(self, step: int, figures: dict[str, dict[str, float]]) -> None:
+        """Task probes: {task: {acc, acc_norm, ...}} as `tasks/<task>/<metric>`."""
+        parts = [f"{task} " + " ".join(f"{m} {v:.3f}" for m, v in metrics.items())
+                 for task, metrics in figures.items()]
+        self.line(f"tasks step {step} | " + " | ".join(parts))
+        for task, metrics in figures.items():
+            self.scalars(step, {f"tasks/{task}/{m}": v for m, v in metrics.items()})
 
     def tokens(self, counts) -> None:
         """Token accounting at a log step (engine.train.stage.TokenCounts); a console line only

@@ -53,6 +53,8 @@ class Session:
     tokenizer: object = None
     moe_monitor: object = None
     """engine.train.moe_metrics.MoEMonitor for MoE models."""
+    probes: object = None
+    """engine.eval.probes.TaskProbes when the recipe has eval.tasks."""
 
 
 def _tokenizer(recipe: Recipe):
@@ -281,4 +283,13 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
                    padded_vocab_size=rows, state=state,
                    resumed_from=source.path if resumed else None,
                    initialized_from=source.path if source and not resumed else None,
-                   tokenizer=tokenizer, moe_monitor=monitor)
+                   tokenizer=tokenizer, moe_monitor=monitor,
+                   probes=_probes(recipe, chunks, tokenizer))
+
+
+def _probes(recipe: Recipe, chunks, tokenizer):
+    if not recipe.eval.tasks:
+        return None
+    from engine.eval.probes import TaskProbes
+
+    return TaskProbes(recipe, chunks, tokenizer)

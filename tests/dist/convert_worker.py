@@ -19,7 +19,7 @@ def main() -> None:
     from engine.checkpoint import load_weights
     from engine.checkpoint.unsharded import checkpoint_rows, read_recipe
     from engine.config.recipe import ParallelConfig
-    from engine.convert.verify import parallel_logits
+    from engine.models.forward import parallel_logits
     from engine.distributed import destroy_parallel_state, init_distributed, parallel_sizes
     from engine.models.build import build_model, transformer_config
 

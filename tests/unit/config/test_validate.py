@@ -76,7 +76,7 @@ def test_global_batch_defaults_to_one_microbatch_per_rank():
     (dict(train=dict(schedule=dict(min_lr=1e-3)), optim=dict(lr=3e-4)), 1,
      "train.schedule.min_lr=0.001 exceeds optim.lr=0.0003"),
     (dict(train=dict(eval_interval=5), data=dict(synthetic=False, blend=[{"path": "a"}])), 1,
-     "train.eval_interval=5 needs data.valid (none given)"),
+     "train.eval_interval=5 needs data.valid or eval.tasks (none given)"),
 ])
 def test_each_rule_names_its_factors(sections, world_size, message):
     assert error(make(**sections), world_size) == message

@@ -1,0 +1,132 @@
+"""Scoring token sequences with a model at any layout: the model side of `engine eval`.
+
+`Scorer` runs batches of token sequences through model chunks at any TP/PP/VPP layout (megatron's
+pipeline schedule, forward only; logits gathered over tensor parallelism on the last pipeline
+stage) and turns the logits into what lm-evaluation-harness asks for: the log-likelihood of a
+continuation and whether greedy decoding would produce it, or the next greedy token. Requests are
+sorted by length (longest first, so a batch's first row is its padded length) and right-padded,
+which causal attention never looks at. Every rank calls every method with the same arguments; the
+answers are computed on the last pipeline stage and broadcast, so every rank returns the same.
+
+Log-probabilities are over the real vocabulary (the embedding's padding rows are no tokens), in
+float32 at least, as the HF backend computes them (`F.log_softmax(logits, dtype=float32)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One (context, continuation) request's answer."""
+
+    logprob: float
+    """Sum of the continuation tokens' log-probabilities."""
+    greedy: bool
+    """Whether every continuation token is the most likely one at its position."""
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], length: int, pad: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+class Scorer:
+    """Log-likelihoods and greedy tokens under model chunks (one per virtual pipeline stage)."""
+
+    def __init__(self, chunks: list, *, vocab_size: int, max_length: int, batch_size: int,
+                 pad_to: int = 1):
+        """`vocab_size`: the tokenizer's (logits beyond it are padding rows); `max_length`: the
+        longest input (longer ones keep their last tokens); `pad_to`: sequence lengths are padded
+        to a multiple of it (the tensor-parallel size under sequence parallelism)."""
+        self.chunks, self.vocab_size, self.max_length = chunks, vocab_size, max_length
+        self.batch_size, self.pad_to = batch_size, pad_to
+        self.tokens_scored = 0
+        """Input tokens run through the model so far (for throughput reports)."""
+
+    # --- the model ---------------------------------------------------------------------------
+    def _logits(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """[b, s, vocab_size] float32 log-probabilities on the last pipeline stage, else None."""
+        from engine.models.forward import parallel_logits
+
+        b, s = tokens.shape
+        padded = -(-s // self.pad_to) * self.pad_to
+        if padded != s:  # right padding: the causal positions before it do not see it
+            tokens = torch.cat([tokens, tokens.new_zeros(b, padded - s)], dim=1)
+        device = next(self.chunks[0].parameters()).device
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            logits = parallel_logits(self.chunks, tokens.to(device))
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+        self.tokens_scored += b * s
+        if logits is None:
+            return None
+        # megatron's logits are [b, s, padded vocab] here (gathered over tensor parallelism)
+        return torch.log_softmax(logits[:, :s, : self.vocab_size].float(), dim=-1)
+
+    def _broadcast(self, values: list) -> list:
+        """The last pipeline stage's `values` on every rank of its pipeline group."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return values
+        box = [values]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+        return box[0]
+
+    # --- requests ----------------------------------------------------------------------------
+    def loglikelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
+                       ) -> list[Scored]:
+        """For each (context tokens, continuation tokens): the continuation's log-likelihood
+        given the context, and whether greedy decoding gives it. Context + continuation longer
+        than max_length + 1 keep their last tokens (lm-eval's rule)."""
+        inputs, conts = [], []
+        for context, continuation in requests:
+            whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+            inputs.append(whole[:-1])
+            conts.append(list(continuation))
+        order = sorted(range(len(inputs)), key=lambda i: (-len(inputs[i]), inputs[i]))
+        answers: dict[int, Scored] = {}
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            length = len(inputs[batch[0]])
+            logprobs = self._logits(_pad_rows([inputs[i] for i in batch], length, 0))
+            scored = []
+            if logprobs is not None:
+                for row, i in enumerate(batch):
+                    n, end = len(conts[i]), len(inputs[i])
+                    lp = logprobs[row, end - n:end]  # [n, vocab]: the continuation's positions
+                    target = torch.tensor(conts[i], dtype=torch.long, device=lp.device)
+                    scored.append(Scored(float(lp.gather(1, target[:, None]).sum()),
+                                         bool((lp.argmax(-1) == target).all())))
+            for i, s in zip(batch, self._broadcast(scored), strict=True):
+                answers[i] = s
+        return [answers[i] for i in range(len(inputs))]
+
+    def next_tokens(self, contexts: Sequence[Sequence[int]], choose=None) -> list[int]:
+        """The next token after each context (its last max_length tokens): `choose(logprobs)`
+        of the [vocab] log-probabilities at its last position, computed on the last pipeline
+        stage (greedy, the argmax, by default) and broadcast."""
+        choose = choose or (lambda logprobs: int(logprobs.argmax()))
+        rows = [list(c)[-self.max_length:] for c in contexts]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out: dict[int, int] = {}
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            logprobs = self._logits(_pad_rows([rows[i] for i in batch], len(rows[batch[0]]), 0))
+            tokens = [] if logprobs is None else \
+                [choose(logprobs[r, len(rows[i]) - 1]) for r, i in enumerate(batch)]
+            for i, t in zip(batch, self._broadcast(tokens), strict=True):
+                out[i] = t
+        return [out[i] for i in range(len(rows))]
