@@ -118,20 +118,26 @@ _ALIASES = {
 
 def suggest_key(key: str) -> str | None:
     """The valid key closest to an unknown `key`. Its last component is matched against every
-    key's last component (exactly, then as a known alias, then closely within its own section,
-    then closely anywhere: `train.lr` finds `optim.lr`), and only then the whole dotted path."""
+    key's last component: exactly within its own section, as a known alias, closely within its
+    own section (`train.batch_size` finds `train.micro_batch_size`, not `eval.batch_size`),
+    exactly anywhere (`train.lr` finds `optim.lr`), closely anywhere; and only then the whole
+    dotted path."""
     paths = _schema_paths(Recipe)
     if "." in key:  # a nested key is not a misspelt top-level section
         paths = [p for p in paths if "." in p]
     leaf = _last(key)
     section = key.split(".")[0] + "."
     same_section = [p for p in paths if p.startswith(section)]
-    near = ([leaf] if any(_last(p) == leaf for p in paths) else []) or (
-        [_ALIASES[leaf]] if leaf in _ALIASES else [])
-    for pool in (same_section, paths):
-        near = near or difflib.get_close_matches(leaf, sorted({_last(p) for p in pool}), n=1)
+
+    def close(pool: list[str]) -> list[str]:
+        return difflib.get_close_matches(leaf, sorted({_last(p) for p in pool}), n=1)
+
+    near = ([leaf] if any(_last(p) == leaf for p in same_section) else []) or (
+        [_ALIASES[leaf]] if leaf in _ALIASES else []) or close(same_section) or (
+        [leaf] if any(_last(p) == leaf for p in paths) else []) or close(paths)
     if near:
-        candidates = [p for p in paths if _last(p) == near[0]]
+        pool = [p for p in same_section if _last(p) == near[0]] or paths
+        candidates = [p for p in pool if _last(p) == near[0]]
         return max(candidates, key=lambda p: difflib.SequenceMatcher(None, key, p).ratio())
     near = difflib.get_close_matches(key, paths, n=1)
     return near[0] if near else None
