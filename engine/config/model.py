@@ -1,32 +1,60 @@
 """Recipe section `model` (with `model.moe`, `model.rotary_scaling`): megatron-core's
 `TransformerConfig`/`GPTModel` names, so the model builder can pass them through."""
 
+import math
 from dataclasses import dataclass
 
 from engine.config.checks import at_least, fraction, one_of, positive_float
 from engine.config.errors import ConfigError
 
+ROPE_TYPES = ("linear", "llama3", "yarn", "ntk")
+"""The `model.rotary_scaling.type`s (engine.models.rope computes each)."""
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RopeScaling:
-    """Llama-3.x RoPE frequency scaling (HF `rope_scaling` with `rope_type: llama3`).
+    """Key `model.rotary_scaling`: RoPE frequency scaling for a context longer than the one the
+    model was trained with (HF `rope_scaling` / `rope_parameters`). The frequencies and the
+    attention scaling are engine.models.rope's, equal to transformers' `ROPE_INIT_FUNCTIONS`.
 
-    Defaults are megatron-core 0.16.1's `RotaryEmbedding._apply_scaling` defaults; note that
-    `GPTModel` passes only `rope_scaling_factor` through, the other three stay at these values.
-    """
+    Each field names the types that read it; the others ignore it. Defaults of the Llama-3
+    fields are Llama 3.1's (and megatron-core 0.16.1's `RotaryEmbedding._apply_scaling`)."""
 
+    type: str = "llama3"
+    """linear|llama3|yarn|ntk. linear: position interpolation, every frequency / factor (Chen et
+    al. 2023, arXiv 2306.15595). llama3: Llama 3.1's by-wavelength blend of interpolated and
+    original frequencies. yarn: YaRN (Peng et al. 2023, arXiv 2309.00071): NTK-by-parts ramp
+    plus an attention temperature. ntk: dynamic NTK-aware scaling (HF `dynamic`): the base grows
+    with the sequence length beyond model.max_position_embeddings (static NTK-aware scaling is a
+    model.rotary_base change). Absent = llama3, the only type before this key existed."""
     factor: float = 8.0
-    """Context extension factor: low frequencies are divided by it."""
+    """Context extension factor, > 1 (all types)."""
     low_freq_factor: float = 1.0
-    """Wavelengths above original_max_position_embeddings / low_freq_factor are fully scaled."""
+    """llama3: wavelengths above original_max_position_embeddings / low_freq_factor are fully
+    interpolated."""
     high_freq_factor: float = 4.0
-    """Wavelengths below original_max_position_embeddings / high_freq_factor are left alone."""
+    """llama3: wavelengths below original_max_position_embeddings / high_freq_factor are left
+    alone."""
     original_max_position_embeddings: int = 8192
-    """Context length the unscaled model was trained with, in tokens."""
+    """llama3, yarn: context length the unscaled model was trained with, in tokens."""
+    beta_fast: float = 32.0
+    """yarn: dimensions turning more than beta_fast times over the original context keep their
+    frequency (extrapolation)."""
+    beta_slow: float = 1.0
+    """yarn: dimensions turning fewer than beta_slow times are fully interpolated."""
+    mscale: float | None = None
+    """yarn: with mscale_all_dim (both non-zero), the attention factor is
+    (0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1) (DeepSeek-V2); null = 0.1 ln s + 1."""
+    mscale_all_dim: float | None = None
+    """yarn: see mscale."""
+    truncate: bool = True
+    """yarn: round the ramp's ends to whole dimensions (HF `truncate`; gpt-oss uses false)."""
 
     def __post_init__(self):
         p = "model.rotary_scaling"
-        positive_float(f"{p}.factor", self.factor)
+        one_of(f"{p}.type", self.type, ROPE_TYPES)
+        if not (math.isfinite(self.factor) and self.factor > 1.0):
+            raise ConfigError(f"{p}.factor: expected > 1 (a longer context), got {self.factor}")
         positive_float(f"{p}.low_freq_factor", self.low_freq_factor)
         positive_float(f"{p}.high_freq_factor", self.high_freq_factor)
         at_least(f"{p}.original_max_position_embeddings", self.original_max_position_embeddings, 1)
@@ -35,6 +63,8 @@ class RopeScaling:
                 f"{p}.high_freq_factor={self.high_freq_factor} must be greater than "
                 f"low_freq_factor={self.low_freq_factor}"
             )
+        positive_float(f"{p}.beta_fast", self.beta_fast)
+        positive_float(f"{p}.beta_slow", self.beta_slow)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -122,8 +152,9 @@ class ModelConfig:
     rotary_percent: float = 1.0
     """Fraction of each head's channels that RoPE rotates, in (0, 1]."""
     rotary_scaling: RopeScaling | None = None
-    """Llama-3.x RoPE scaling as a mapping (factor, low_freq_factor, high_freq_factor,
-    original_max_position_embeddings); null = none."""
+    """RoPE scaling for a longer context as a mapping {type: linear|llama3|yarn|ntk, factor,
+    ...} (RopeScaling); null = none. Like rotary_base it has no weights: a stage started from
+    checkpoint.pretrained may change both."""
     layernorm_epsilon: float = 1e-5
     """Epsilon of the (RMS) norms."""
     add_qkv_bias: bool = False

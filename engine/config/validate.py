@@ -97,9 +97,11 @@ def _check_moe(recipe: Recipe) -> None:
 
 def _check_sequence(recipe: Recipe) -> None:
     model, par, seq = recipe.model, recipe.parallel, recipe.data.seq_length
-    _require(seq <= model.max_position_embeddings,
+    # RoPE scaling is what makes positions past max_position_embeddings meaningful (ntk takes
+    # max_position_embeddings as its original context, like transformers' `dynamic`)
+    _require(seq <= model.max_position_embeddings or model.rotary_scaling is not None,
              f"data.seq_length={seq} exceeds model.max_position_embeddings="
-             f"{model.max_position_embeddings}")
+             f"{model.max_position_embeddings} and model.rotary_scaling is not set")
     # Nothing splits a batch per context-parallel rank yet and the CPU attention has no CP path
     # (the long-context issue adds both): refuse it here rather than crash inside the model.
     _require(par.cp == 1, f"parallel.cp={par.cp}: context parallelism is not implemented yet; "

@@ -131,24 +131,12 @@ def moe_kwargs(moe, *, aux_loss_scale: int = 1) -> dict:
     )
 
 
-def _check_rope_scaling(scaling) -> None:
-    """megatron-core 0.16.1's GPTModel passes only the factor through; the other Llama-3 scaling
-    constants are fixed at its defaults, so a recipe asking for others would silently differ."""
-    from engine.config.errors import ConfigError
-    from engine.config.recipe import RopeScaling
-
-    fixed = RopeScaling(factor=scaling.factor)
-    for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-        if getattr(scaling, name) != getattr(fixed, name):
-            raise ConfigError(
-                f"model.rotary_scaling.{name}={getattr(scaling, name)}: megatron-core "
-                f"0.16.1 supports only {getattr(fixed, name)}"
-            )
-
-
 def build_model(recipe: Recipe, tc, *, padded_vocab_size: int,
                 spec: str) -> list[torch.nn.Module]:
-    """One GPTModel chunk per virtual pipeline stage of this rank (one chunk without VPP)."""
+    """One GPTModel chunk per virtual pipeline stage of this rank (one chunk without VPP).
+
+    With model.rotary_scaling, each chunk's rotary embedding is engine.models.rotary's (every
+    type's frequencies equal transformers'), and `tc` gets YaRN's attention factor."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -156,7 +144,9 @@ def build_model(recipe: Recipe, tc, *, padded_vocab_size: int,
     family = get_family(m.family)
     scaling = m.rotary_scaling
     if scaling is not None:
-        _check_rope_scaling(scaling)
+        from engine.models.rotary import install_rotary_embedding, set_attention_factor
+
+        set_attention_factor(tc, m)
     fused = m.fused_kernels and spec == "local"
     model_class, building = GPTModel, contextlib.nullcontext()
     if fused:
@@ -181,9 +171,9 @@ def build_model(recipe: Recipe, tc, *, padded_vocab_size: int,
                     position_embedding_type=family.position_embedding_type,
                     rotary_percent=m.rotary_percent,
                     rotary_base=m.rotary_base,
-                    rope_scaling=scaling is not None,
-                    rope_scaling_factor=scaling.factor if scaling is not None else 8.0,
                     vp_stage=vp,
                 )
             )
+            if scaling is not None:
+                install_rotary_embedding(chunks[-1], m)
     return chunks

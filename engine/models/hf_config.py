@@ -1,8 +1,9 @@
 """HF `config.json` <-> the recipe's `model` section, for every Llama-shaped family (pure).
 
-Reads both transformers 4 (`rope_theta`, `rope_scaling`) and 5 (`rope_parameters`) spellings;
-writes the 4 spelling, which both versions read. What megatron's layers cannot represent (MLP
-or o_proj biases, other activations, other RoPE types) is refused by name, never dropped.
+Reads and writes both transformers 4 (`rope_theta`, `rope_scaling`) and 5 (`rope_parameters`)
+spellings, for every RoPE type (HF `dynamic` is the recipe's `ntk`). What megatron's layers
+cannot represent (MLP or o_proj biases, other activations, other RoPE types or keys) is refused
+by name, never dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,29 @@ _PLAIN = (("num_hidden_layers", "num_layers"), ("hidden_size", "hidden_size"),
           ("rms_norm_eps", "layernorm_epsilon"))
 
 
+_NEEDED = object()
+"""No default: the HF config must give the key."""
+_MAX_POSITIONS = object()
+"""Default max_position_embeddings (transformers' `standardize_rope_params`)."""
+
+# HF rope_type -> (model.rotary_scaling.type, {key: default}); the keys are spelt alike on both
+# sides; the defaults are transformers' (`modeling_rope_utils`)
+_ROPE_TYPES = {
+    "linear": ("linear", {"factor": _NEEDED}),
+    "llama3": ("llama3", {"factor": _NEEDED, "low_freq_factor": _NEEDED,
+                          "high_freq_factor": _NEEDED,
+                          "original_max_position_embeddings": _MAX_POSITIONS}),
+    "yarn": ("yarn", {"factor": _NEEDED, "original_max_position_embeddings": _MAX_POSITIONS,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": None,
+                      "mscale_all_dim": None, "truncate": True}),
+    "dynamic": ("ntk", {"factor": _NEEDED}),
+}
+_HF_ROPE_TYPE = {ours: theirs for theirs, (ours, _) in _ROPE_TYPES.items()}
+_ROPE_COMMON = ("rope_type", "type", "rope_theta")
+
+
 def _rope(hf: dict, source: str) -> tuple[float, dict | None]:
+    """(rotary_base, rotary_scaling section) from either transformers spelling."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -27,10 +50,37 @@ def _rope(hf: dict, source: str) -> tuple[float, dict | None]:
     kind = merged.get("rope_type", merged.get("type", "default"))
     if kind == "default":
         return float(theta), None
-    if kind != "llama3":
-        raise ConfigError(f"{source}: rope type {kind!r} is not supported (default, llama3)")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return float(theta), {k: merged[k] for k in keys}
+    if kind not in _ROPE_TYPES:
+        raise ConfigError(f"{source}: rope type {kind!r} is not supported "
+                          f"(default, {', '.join(_ROPE_TYPES)})")
+    ours, keys = _ROPE_TYPES[kind]
+    unread = sorted(k for k, v in merged.items()
+                    if k not in keys and k not in _ROPE_COMMON and v is not None)
+    if unread:
+        raise ConfigError(f"{source}: rope_scaling {', '.join(map(repr, unread))} of rope type "
+                          f"{kind!r} is not supported (only {', '.join(keys)})")
+    section = {"type": ours}
+    for key, default in keys.items():
+        value = merged.get(key)
+        if value is None and default is _NEEDED:
+            raise ConfigError(f"{source}: rope type {kind!r} needs rope_scaling.{key}")
+        section[key] = (value if value is not None else
+                        hf["max_position_embeddings"] if default is _MAX_POSITIONS else default)
+    return float(theta), section
+
+
+def _rope_to_hf(model: ModelConfig) -> dict:
+    """The RoPE keys of config.json in both spellings: transformers 4 reads `rope_theta` and
+    `rope_scaling`, 5 writes and reads `rope_parameters` (and takes the 4 spelling too)."""
+    theta, s = model.rotary_base, model.rotary_scaling
+    if s is None:
+        return {"rope_theta": theta, "rope_parameters": {"rope_type": "default",
+                                                         "rope_theta": theta}}
+    kind = _HF_ROPE_TYPE[s.type]
+    scaling = {"rope_type": kind, **{k: getattr(s, k) for k in _ROPE_TYPES[kind][1]
+                                     if getattr(s, k) is not None}}
+    return {"rope_theta": theta, "rope_scaling": scaling,
+            "rope_parameters": {**scaling, "rope_theta": theta}}
 
 
 def model_config_from_hf(hf: dict, source: str = "config.json") -> tuple[Family, dict]:
@@ -124,7 +174,7 @@ def hf_config_from_model(family: Family, model: ModelConfig, *, dtype: str) -> d
         "vocab_size": model.vocab_size, "max_position_embeddings": model.max_position_embeddings,
         "rms_norm_eps": model.layernorm_epsilon, "hidden_act": "silu",
         "tie_word_embeddings": model.share_embeddings_and_output_weights,
-        "rope_theta": model.rotary_base, "torch_dtype": dtype, "dtype": dtype,
+        **_rope_to_hf(model), "torch_dtype": dtype, "dtype": dtype,
         "attention_bias": model.add_qkv_bias if family.qkv_bias is None else family.qkv_bias,
         "mlp_bias": False, "sliding_window": model.window_size, **dict(family.hf_extra),
     }
@@ -133,10 +183,4 @@ def hf_config_from_model(family: Family, model: ModelConfig, *, dtype: str) -> d
     elif model.moe is not None:
         raise ConfigError(f"model.family={family.name} is dense; model.moe has no HF equivalent "
                           "(use family mixtral or qwen2_moe)")
-    if model.rotary_scaling is not None:
-        s = model.rotary_scaling
-        config["rope_scaling"] = {
-            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings}
     return config

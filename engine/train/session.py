@@ -24,7 +24,7 @@ from engine.checkpoint import (
     read_train_state,
 )
 from engine.config.errors import ConfigError
-from engine.config.recipe import Recipe, source_names
+from engine.config.recipe import Recipe, RopeScaling, source_names
 from engine.distributed import Runtime
 from engine.models.build import build_model, moe_aux_loss_scale, transformer_config
 from engine.models.spec import resolve_spec
@@ -168,6 +168,47 @@ def locate_source(recipe: Recipe) -> Source | None:
     return None
 
 
+ROPE_KEYS = ("rotary_base", "rotary_percent", "rotary_scaling")
+"""The model keys without weights: a long-context stage may change them (ABF, RoPE scaling)."""
+
+
+def check_rope_change(recipe: Recipe, source: Source) -> None:
+    """A new stage from checkpoint.pretrained may change RoPE (rotary_base, rotary_percent,
+    rotary_scaling: no weights; "Effective Long-Context Scaling", Xiong et al. 2023, raises the
+    base at the long stage): said in one log line. A resume may not: the weights were trained
+    with the checkpoint's RoPE and would silently see other positions."""
+    stored = source.path / "recipe.yaml"
+    if not stored.is_file():  # not an engine checkpoint: nothing to compare with
+        return
+    from engine.config.loader import read_recipe_yaml, recipe_from_dict
+
+    model = read_recipe_yaml(stored).get("model") or {}
+    was = recipe_from_dict({"model": model, "data": {"synthetic": True}}, str(stored)).model
+    keys = ROPE_KEYS
+    if any(m.rotary_scaling is not None and m.rotary_scaling.type == "ntk"
+           for m in (was, recipe.model)):  # ntk's original context is max_position_embeddings
+        keys += ("max_position_embeddings",)
+    changes = "; ".join(f"model.{key} {_rope_text(getattr(was, key))} -> "
+                        f"{_rope_text(getattr(recipe.model, key))}" for key in keys
+                        if getattr(was, key) != getattr(recipe.model, key))
+    if not changes:
+        return
+    if source.resume:
+        raise CheckpointError(f"{source.path}: resuming with {changes}; a RoPE change starts a "
+                              "new stage (checkpoint.pretrained)")
+    log.info("RoPE changed from %s: %s", source.path, changes)
+
+
+def _rope_text(value) -> str:
+    """A RoPE value in a log line: numbers as they are, a scaling as type(changed fields)."""
+    if not isinstance(value, RopeScaling):
+        return "null" if value is None else str(value)
+    defaults = RopeScaling(type=value.type)
+    fields = ", ".join(f"{f}={getattr(value, f)}" for f in value.__dataclass_fields__
+                       if f != "type" and getattr(value, f) != getattr(defaults, f))
+    return f"{value.type}({fields})"
+
+
 def embedding_rows(recipe: Recipe, tokenizer_vocab: int | None, source: Source | None) -> int:
     """The embedding's rows (engine.models.vocab): the checkpoint's when starting from one (a
     model keeps the rows it was made with), else megatron's padding at this run's tp."""
@@ -244,6 +285,8 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
 
         check_vocab(tokenizer.vocab_size, recipe.model.vocab_size)
     source = locate_source(recipe)
+    if source is not None:
+        check_rope_change(recipe, source)
     # The schedule check reads JSON only: a refused resume fails before anything is built.
     resumed = source is not None and source.resume
     schedule = (resumed_schedule(recipe, source.path, read_train_state(source.path))

@@ -128,6 +128,16 @@ def test_override_into_an_absent_optional_section(recipe_file):
     assert recipe.model.rotary_scaling == RopeScaling(factor=4.0)
 
 
+def test_rope_scaling_without_a_type_is_llama3_and_other_types_load(recipe_file):
+    old = load_recipe(recipe_file(), ["model.rotary_scaling={factor: 32.0}"])
+    assert old.model.rotary_scaling.type == "llama3"
+    yarn = load_recipe(recipe_file(), [
+        "model.rotary_scaling={type: yarn, factor: 4, mscale: 1, mscale_all_dim: 0.5, "
+        "truncate: false}"])
+    assert yarn.model.rotary_scaling == RopeScaling(type="yarn", factor=4.0, mscale=1.0,
+                                                    mscale_all_dim=0.5, truncate=False)
+
+
 def test_overrides_do_not_touch_the_file(recipe_file):
     path = recipe_file()
     load_recipe(path, ["train.steps=5"])

@@ -70,7 +70,8 @@ def test_global_batch_defaults_to_one_microbatch_per_rank():
     (dict(parallel=dict(cp=2), data=dict(seq_length=128)), 2,
      "parallel.cp=2: context parallelism is not implemented yet; use parallel.cp=1"),
     (dict(data=dict(seq_length=512)), 1,
-     "data.seq_length=512 exceeds model.max_position_embeddings=256"),
+     "data.seq_length=512 exceeds model.max_position_embeddings=256 and model.rotary_scaling "
+     "is not set"),
     (dict(model=dict(vocab_size=None)), 1,
      "model.vocab_size is required when tokenizer.type is 'none'"),
     (dict(train=dict(schedule=dict(min_lr=1e-3)), optim=dict(lr=3e-4)), 1,
@@ -80,6 +81,13 @@ def test_global_batch_defaults_to_one_microbatch_per_rank():
 ])
 def test_each_rule_names_its_factors(sections, world_size, message):
     assert error(make(**sections), world_size) == message
+
+
+@pytest.mark.parametrize("kind", ["linear", "llama3", "yarn", "ntk"])
+def test_rope_scaling_allows_sequences_past_max_position_embeddings(kind):
+    recipe = make(model=dict(rotary_scaling={"type": kind, "factor": 4.0}),
+                  data=dict(seq_length=512))
+    assert validate(recipe, 1).world_size == 1
 
 
 def test_source_prefixes_the_error():

@@ -40,7 +40,7 @@ def test_written_config_reads_back_the_same_model():
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"attention_bias": True}, "o_proj"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "rope type 'longrope'"),
     ({"architectures": ["BertForMaskedLM"]}, "unsupported HF architecture 'BertForMaskedLM'"),
 ])
 def test_unrepresentable_configs_are_refused(change, match):
