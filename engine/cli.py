@@ -96,6 +96,8 @@ MODEL_COMMANDS = {
 TOKENIZER_COMMANDS = {
     "train": (_lazy("engine.data.cli", "tokenizer_train_main"),
               "train a sentencepiece BPE tokenizer on jsonl/txt files"),
+    "extend": (_lazy("engine.data.cli", "tokenizer_extend_main"),
+               "add domain tokens to a sentencepiece/HF BPE tokenizer; base ids never move"),
 }
 
 COMMANDS = {
@@ -103,9 +105,9 @@ COMMANDS = {
     "preprocess": (_lazy("engine.data.cli", "preprocess_main"),
                    "tokenize jsonl/txt files into megatron .bin/.idx datasets"),
     "tokenizer": (lambda argv: dispatch("engine tokenizer", TOKENIZER_COMMANDS, argv),
-                  "tokenizer tools: train"),
+                  "tokenizer tools: train, extend"),
     "corpus": (_lazy("engine.data.cli", "corpus_main"),
-               "write a demo corpus (shakespeare, stdlib) as jsonl train/valid files"),
+               "write a corpus (shakespeare, stdlib, manpages --lang cs) as jsonl train/valid"),
     "convert": (_lazy("engine.convert.cli", "convert_main"),
                 "HF import (hf-to-engine), export (engine-to-hf) and verify"),
     "upcycle": (_lazy("engine.upcycle.cli", "upcycle_main"),
@@ -119,7 +121,7 @@ COMMANDS = {
     "model": (lambda argv: dispatch("engine model", MODEL_COMMANDS, argv),
               "real pretrained models: fetch"),
     "bench": (_lazy("engine.bench.cli", "main"),
-              "throughput benchmarks: train, compare, kernels, sweep, collect"),
+              "throughput benchmarks: train, compare, kernels, sweep, collect, eval"),
     "pipeline": (_lazy("engine.pipeline.cli", "pipeline_main"),
                  "multi-stage runs (train, grow, export): run, report, submit to Slurm"),
 }

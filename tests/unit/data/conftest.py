@@ -77,3 +77,21 @@ def hf_tokenizer_json(tmp_path_factory, documents):
     path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def manpages_cs(tmp_path_factory):
+    """Debian's manpages-cs rendered by `build_manpages_corpus` (the installed package, else
+    `apt-get download`): the directory of manpages-cs-{train,valid}.jsonl. Skips, saying why,
+    only when the package is neither installed nor downloadable (.ci/run installs it)."""
+    from engine.data import DataError
+    from engine.data.manpages import build_manpages_corpus
+
+    out = tmp_path_factory.mktemp("manpages")
+    try:
+        build_manpages_corpus(out, "cs", cache=out / "debs", progress=False)
+    except DataError as err:
+        if "apt-get" not in str(err):
+            raise
+        pytest.skip(f"no Czech man pages: {err}")
+    return out

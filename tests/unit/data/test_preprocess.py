@@ -27,7 +27,8 @@ def test_output_is_the_tokenizer_ids_plus_eod(tmp_path, sp_tokenizer, corpus_jso
     assert read_back(tmp_path / "out") == expected
     assert IndexedDataset(str(tmp_path / "out")).index.dtype == numpy.uint16  # vocab 400
     assert (stats.documents, stats.tokens) == (len(expected), sum(map(len, expected)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.txt", "out.bin", "out.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one.txt", "out.bin", "out.idx", "out.maxid.json"]
 
 
 def test_workers_output_is_byte_identical(tmp_path, sp_tokenizer, corpus_jsonl):
@@ -91,7 +92,8 @@ def test_failure_keeps_the_previous_pair(tmp_path, sp_tokenizer, corpus_jsonl):
     with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid UTF-8"):
         preprocess([str(corpus_jsonl), str(bad)], str(tmp_path / "o"), sp_tokenizer, progress=False)
     assert {ext: (tmp_path / f"o.{ext}").read_bytes() for ext in ("bin", "idx")} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "o.bin", "o.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad.jsonl", "o.bin", "o.idx", "o.maxid.json"]
 
 
 def test_missing_or_unknown_inputs_fail_before_work(tmp_path, sp_tokenizer, corpus_jsonl):
