@@ -7,6 +7,7 @@
     engine bench kernels [--device cpu|cuda] [--precision fp32|bf16] [shape flags] [--out DIR]
     engine bench sweep --config R --layout tp=2 --layout pp=2,dp=2 ... --out DIR [key=value ...]
     engine bench collect ROW.json... --out TABLE.csv|TABLE.json
+    engine bench eval --ckpt C --hf DIR --tasks T [--limit N] [--repeats R] --out DIR
 
 Without --config, train and compare use the CPU target shape (`engine.bench.compare.CPU_TARGET`).
 `train` works under torchrun (rank 0 prints and writes); `--json` writes its one row, the contract
@@ -206,12 +207,19 @@ def collect_main(argv: list[str]) -> int:
     return 0
 
 
+def eval_main(argv: list[str]) -> int:
+    from engine.bench.eval import eval_main as run
+
+    return run(argv)
+
+
 COMMANDS = {
     "train": (train_main, "time real training steps of a recipe (any layout) as one row"),
     "compare": (compare_main, "the engine vs transformers vs megatron-core on one shape"),
     "kernels": (kernels_main, "each fused kernel vs its reference: speed and max error"),
     "sweep": (sweep_main, "one `bench train` per layout, rows merged into a table"),
     "collect": (collect_main, "merge row JSON files into one table"),
+    "eval": (eval_main, "engine eval's lm-eval backend vs lm-eval's hf backend: requests/s"),
 }
 
 

@@ -350,14 +350,15 @@ class EvalConfig:
     train.eval_interval_early, step 0 included), logged as `tasks/<task>/acc` and `acc_norm`."""
 
     tasks: tuple[str, ...] = ()
-    """Task names: configs/tasks/, eval.include_path, lm-eval's registry (data available
+    """Task names: eval.include_path, configs/tasks/, lm-eval's registry (data available
     locally); empty = no probes."""
     limit: int | None = 100
     """At most this many documents per task at each evaluation (bounds the cost); null = all."""
     num_fewshot: int | None = None
     """Few-shot examples per request; null = each task's own setting."""
     include_path: str | None = None
-    """Another directory of task YAMLs, searched after configs/tasks/."""
+    """Another directory of task YAMLs, searched before configs/tasks/ (its tasks replace the
+    shipped ones of the same name)."""
     batch_size: int = 16
     """Sequences per forward pass of the probes."""
     seed: int = 1234

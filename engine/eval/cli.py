@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,15 +44,17 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--limit", type=int, help="at most this many documents per task")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--include-path", action="append", default=[],
-                   help="another directory of task YAMLs (configs/tasks/ is always included)")
+                   help="another directory of task YAMLs, searched before configs/tasks/")
     p.add_argument("--out", help="directory for results.json (and samples_<task>.jsonl)")
     p.add_argument("--log-samples", action="store_true", help="also write every request")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed")
     args = p.parse_args(argv)
     from engine.distributed import destroy_distributed, parallel_sizes
-    from engine.eval.harness import load_tasks, run_tasks
+    from engine.eval.harness import load_tasks, quiet, run_tasks
     from engine.eval.lm import engine_lm
 
+    if os.environ.get("RANK", "0") != "0":
+        quiet()  # rank 0 shows the progress
     names = [t for t in args.tasks.split(",") if t]
     tasks = load_tasks(names, args.include_path)  # a bad task fails before the model loads
     try:

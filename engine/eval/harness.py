@@ -33,6 +33,22 @@ def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def quiet() -> None:
+    """No progress bars (lm-eval's tqdm, datasets') and only lm-eval's warnings: for the probes
+    inside training, whose result is one console line, and for the ranks that do not print."""
+    import logging
+
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every new bar
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_warning()
+    except ImportError:
+        pass
+
+
 def _local_tasks(paths: Sequence[Path]) -> dict[str, Path]:
     """{task name: its YAML} of the single-task YAMLs under `paths` (first one wins)."""
     import yaml
@@ -96,13 +112,14 @@ class TaskSet:
 
 def load_tasks(names: Sequence[str], include_paths: Sequence[str | os.PathLike] = ()
                ) -> TaskSet:
-    """Resolve and load `names`: the single-task YAMLs of configs/tasks/ and `include_paths`
-    first, then lm-eval's registry."""
+    """Resolve and load `names`: the single-task YAMLs of `include_paths` (in order), then of
+    configs/tasks/ (a YAML of the same task name in an include path takes its place), then
+    lm-eval's registry."""
     _offline()
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    paths = [TASKS_DIR, *map(Path, include_paths)]
-    for p in paths[1:]:
+    paths = [*map(Path, include_paths), TASKS_DIR]
+    for p in paths[:-1]:
         if not p.is_dir():
             raise ConfigError(f"--include-path {p}: not a directory of task YAMLs")
     local = _local_tasks(paths)

@@ -14,12 +14,13 @@ from engine.config.recipe import Recipe
 
 class TaskProbes:
     def __init__(self, recipe: Recipe, chunks: list, tokenizer):
-        from engine.eval.harness import load_tasks
+        from engine.eval.harness import load_tasks, quiet
         from engine.eval.lm import engine_lm
         from engine.eval.scoring import Scorer
 
         e, par = recipe.eval, recipe.parallel
         self.config = e
+        quiet()  # the figures are the console line of engine.train.metrics
         self.tasks = load_tasks(e.tasks, [e.include_path] if e.include_path else [])
         max_length = recipe.model.max_position_embeddings
         scorer = Scorer(chunks, vocab_size=recipe.model.vocab_size or tokenizer.vocab_size,

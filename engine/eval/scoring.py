@@ -7,6 +7,8 @@ continuation and whether greedy decoding would produce it, or the next greedy to
 sorted by length (longest first, so a batch's first row is its padded length) and right-padded,
 which causal attention never looks at. Every rank calls every method with the same arguments; the
 answers are computed on the last pipeline stage and broadcast, so every rank returns the same.
+Data-parallel replicas share the batches (replica r runs batches r, r + dp, ...; the answers are
+gathered): a batch is the same batch whatever the layout, so the answers do not depend on dp.
 
 Log-probabilities are over the real vocabulary (the embedding's padding rows are no tokens), in
 float32 at least, as the HF backend computes them (`F.log_softmax(logits, dtype=float32)`).
@@ -67,7 +69,6 @@ class Scorer:
         finally:
             for chunk in self.chunks:
                 chunk.train()
-        self.tokens_scored += b * s
         if logits is None:
             return None
         # megatron's logits are [b, s, padded vocab] here (gathered over tensor parallelism)
@@ -85,6 +86,36 @@ class Scorer:
                                    group=ps.get_pipeline_model_parallel_group())
         return box[0]
 
+    def _run(self, batches: list[list[int]], rows: Sequence[Sequence[int]], answer) -> list:
+        """`answer(logprobs, batch)` (a list per batch, computed on the last pipeline stage) for
+        every batch of row indices, spread over the data-parallel replicas and gathered, in
+        batch order on every rank. A replica short of a batch repeats one and drops its answer,
+        so that every rank runs the same number of forwards (expert parallelism's collectives
+        need it)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        dp = ps.get_data_parallel_world_size() if dist.is_initialized() else 1
+        rank = ps.get_data_parallel_rank() if dp > 1 else 0
+        mine = {}
+        for first in range(0, len(batches), dp):
+            index = first + rank
+            batch = batches[min(index, len(batches) - 1)]
+            logprobs = self._logits(_pad_rows([rows[i] for i in batch], len(rows[batch[0]]), 0))
+            answers = self._broadcast([] if logprobs is None else answer(logprobs, batch))
+            if index < len(batches):
+                mine[index] = answers
+        self.tokens_scored += sum(len(batch) * len(rows[batch[0]]) for batch in batches)
+        if dp == 1:
+            return [mine[i] for i in range(len(batches))]
+        gathered = [None] * dp
+        dist.all_gather_object(gathered, mine, group=ps.get_data_parallel_group())
+        merged = {i: a for part in gathered for i, a in part.items()}
+        return [merged[i] for i in range(len(batches))]
+
+    def _batches(self, order: list[int]) -> list[list[int]]:
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
     # --- requests ----------------------------------------------------------------------------
     def loglikelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
                        ) -> list[Scored]:
@@ -97,21 +128,21 @@ class Scorer:
             inputs.append(whole[:-1])
             conts.append(list(continuation))
         order = sorted(range(len(inputs)), key=lambda i: (-len(inputs[i]), inputs[i]))
-        answers: dict[int, Scored] = {}
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            length = len(inputs[batch[0]])
-            logprobs = self._logits(_pad_rows([inputs[i] for i in batch], length, 0))
+
+        def answer(logprobs: torch.Tensor, batch: list[int]) -> list[Scored]:
             scored = []
-            if logprobs is not None:
-                for row, i in enumerate(batch):
-                    n, end = len(conts[i]), len(inputs[i])
-                    lp = logprobs[row, end - n:end]  # [n, vocab]: the continuation's positions
-                    target = torch.tensor(conts[i], dtype=torch.long, device=lp.device)
-                    scored.append(Scored(float(lp.gather(1, target[:, None]).sum()),
-                                         bool((lp.argmax(-1) == target).all())))
-            for i, s in zip(batch, self._broadcast(scored), strict=True):
-                answers[i] = s
+            for row, i in enumerate(batch):
+                n, end = len(conts[i]), len(inputs[i])
+                lp = logprobs[row, end - n:end]  # [n, vocab]: the continuation's positions
+                target = torch.tensor(conts[i], dtype=torch.long, device=lp.device)
+                scored.append(Scored(float(lp.gather(1, target[:, None]).sum()),
+                                     bool((lp.argmax(-1) == target).all())))
+            return scored
+
+        batches = self._batches(order)
+        answers = {i: s for batch, scored in zip(batches, self._run(batches, inputs, answer),
+                                                 strict=True)
+                   for i, s in zip(batch, scored, strict=True)}
         return [answers[i] for i in range(len(inputs))]
 
     def next_tokens(self, contexts: Sequence[Sequence[int]], choose=None) -> list[int]:
@@ -121,12 +152,9 @@ class Scorer:
         choose = choose or (lambda logprobs: int(logprobs.argmax()))
         rows = [list(c)[-self.max_length:] for c in contexts]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        out: dict[int, int] = {}
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            logprobs = self._logits(_pad_rows([rows[i] for i in batch], len(rows[batch[0]]), 0))
-            tokens = [] if logprobs is None else \
-                [choose(logprobs[r, len(rows[i]) - 1]) for r, i in enumerate(batch)]
-            for i, t in zip(batch, self._broadcast(tokens), strict=True):
-                out[i] = t
+        batches = self._batches(order)
+        chosen = self._run(batches, rows, lambda logprobs, batch: [
+            choose(logprobs[r, len(rows[i]) - 1]) for r, i in enumerate(batch)])
+        out = {i: t for batch, tokens in zip(batches, chosen, strict=True)
+               for i, t in zip(batch, tokens, strict=True)}
         return [out[i] for i in range(len(rows))]

@@ -1,7 +1,7 @@
 """`report.md` (its figures also in `report.json`) and PNG plots of a pipeline run, from what
-the stages left on disk: TensorBoard events (losses), stage recipes (tokens per step), upcycle
-reports (step-0 losses) and stage.json (wall time). Reading and arithmetic are separate from
-drawing so tests can check the numbers."""
+the stages left on disk: TensorBoard events (losses, task probe accuracies), stage recipes
+(tokens per step), upcycle reports (step-0 losses) and stage.json (wall time). Reading and
+arithmetic are separate from drawing so tests can check the numbers."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ class Curve:
     steps: int
     train: list[tuple[int, float]] = field(default_factory=list)
     valid: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    tasks: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Task probe accuracy (`tasks/<task>/acc`, eval.tasks) by step."""
     seconds: float | None = None
 
     @property
@@ -70,6 +72,8 @@ def read_curve(pipe: Pipeline, stage: Stage) -> Curve:
         parts = tag.split("/")
         if len(parts) == 3 and parts[0] == "valid" and parts[2] == "loss":
             curve.valid[parts[1]] = points
+        if len(parts) == 3 and parts[0] == "tasks" and parts[2] == "acc":
+            curve.tasks[parts[1]] = points
     record = d / "stage.json"
     if record.is_file():
         curve.seconds = sum(run["seconds"] for run in json.loads(record.read_text())["runs"])
@@ -220,20 +224,22 @@ def write_report(pipe: Pipeline) -> Path:
     growth = growth_steps(pipe)
     comps = comparisons(pipe, curves)
     plots = draw(pipe, curves, growth, comps, out)
-    names = _valid_names(curves)
+    names, tasks = _valid_names(curves), _task_names(curves)
+    columns = [f"valid {v}" for v in names] + [f"acc {t}" for t in tasks]
     lines = [f"# {pipe.name}", "",
              "| stage | kind | from | status | steps | tokens | wall time | train loss | "
-             + " | ".join(f"valid {v}" for v in names) + " |",
-             "|" + "---|" * (8 + len(names))]
+             + " | ".join(columns) + " |",
+             "|" + "---|" * (8 + len(columns))]
     for s in pipe.stages:
         c = curves.get(s.name)
         status = "done" if done(pipe, s) else "not done"
         src = (s.source or "") + (" (shape only)" if s.init == "random" and s.source else "")
         if c is None:
             lines.append(f"| {s.name} | {s.kind} | {s.source or ''} | {status} |||||"
-                         + "|" * len(names))
+                         + "|" * len(columns))
             continue
         valids = [_fmt(c.valid[v][-1][1]) if c.valid.get(v) else "—" for v in names]
+        valids += [_fmt(c.tasks[t][-1][1], ".3f") if c.tasks.get(t) else "—" for t in tasks]
         lines.append(f"| {s.name} | train | {src} | {status} | {c.steps} | {c.tokens:,} | "
                      f"{_fmt(c.seconds, '.0f')} s | "
                      f"{_fmt(c.train[-1][1]) if c.train else '—'} | " + " | ".join(valids) + " |")
@@ -277,12 +283,17 @@ def _curve_figures(c: Curve | None) -> dict:
         return {}
     return {"steps": c.steps, "tokens": c.tokens, "seconds": c.seconds,
             "train_loss": c.train[-1][1] if c.train else None,
-            "valid_loss": {v: pts[-1][1] for v, pts in c.valid.items() if pts}}
+            "valid_loss": {v: pts[-1][1] for v, pts in c.valid.items() if pts},
+            "task_acc": {t: pts[-1][1] for t, pts in c.tasks.items() if pts}}
 
 
 
 def _valid_names(curves: dict[str, Curve]) -> list[str]:
     return sorted({v for c in curves.values() for v in c.valid})
+
+
+def _task_names(curves: dict[str, Curve]) -> list[str]:
+    return sorted({t for c in curves.values() for t in c.tasks})
 
 
 def main_chain(pipe: Pipeline) -> list[Stage]:
@@ -317,6 +328,24 @@ def draw(pipe: Pipeline, curves: dict[str, Curve], growth: list[dict],
         ax.set(title=f"validation loss: {v}", xlabel="tokens (all stages)", ylabel="loss")
         ax.legend(fontsize=8)
     paths.append(_save(fig, out / "loss_all_stages.png"))
+    tasks = _task_names(curves)
+    if tasks:  # 1b. task probe accuracy on the same axis: the stability gap shows here
+        fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+        offset = 0
+        for s in main_chain(pipe):
+            c = curves.get(s.name)
+            if c is None:
+                continue
+            for ax, t in zip(axes[0], tasks):
+                pts = c.tasks.get(t, [])
+                ax.plot([offset + st * c.tokens_per_step for st, _ in pts], [x for _, x in pts],
+                        marker=".", label=s.name)
+                ax.axvline(offset, color="grey", linestyle=":", linewidth=0.8)
+            offset += c.tokens
+        for ax, t in zip(axes[0], tasks):
+            ax.set(title=f"probe accuracy: {t}", xlabel="tokens (all stages)", ylabel="acc")
+            ax.legend(fontsize=8)
+        paths.append(_save(fig, out / "tasks_all_stages.png"))
     # 2. growth continuity
     if growth:
         fig, ax = plt.subplots(figsize=(6, 4))

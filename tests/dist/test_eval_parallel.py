@@ -1,6 +1,7 @@
-"""`engine eval` under torchrun at TP=2 and PP=2 gives the single-process answers: the same
-per-request log-likelihoods (to 1e-4, relative for sums), the same greedy generations and the same
-accuracies, for the dense model and (TP=2 with sequence parallelism) the mixture of experts."""
+"""`engine eval` under torchrun at TP=2, PP=2 and DP=2 (the replicas share the batches) gives the
+single-process answers: the same per-request log-likelihoods (to 1e-4, relative for sums), the
+same greedy generations and the same accuracies, for the dense model and (TP=2 with sequence
+parallelism) the mixture of experts."""
 
 import json
 import os
@@ -57,15 +58,20 @@ def single(eval_models, hf_tiny_data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind, layout", [("dense", ["--tp", "2"]), ("dense", ["--pp", "2"]),
-                                          ("moe", ["--tp", "2"])])
+LAYOUTS = {"tp": (["--tp", "2"], (2, 2, 1, 1)), "pp": (["--pp", "2"], (2, 1, 2, 1)),
+           "dp": ([], (2, 1, 1, 2))}
+"""flags -> what megatron's parallel state must say ran: (world size, tp, pp, dp)"""
+
+
+@pytest.mark.parametrize("kind, layout", [("dense", "tp"), ("dense", "pp"), ("dense", "dp"),
+                                          ("moe", "tp")])
 def test_parallel_eval_equals_one_process(eval_models, hf_tiny_data, single, tmp_path, kind,
                                           layout):
     ckpt, _ = eval_models[kind]
-    ours = eval_under_torchrun(ckpt, hf_tiny_data["tasks"], tmp_path / "out", *layout)
+    flags, expected = LAYOUTS[layout]
+    ours = eval_under_torchrun(ckpt, hf_tiny_data["tasks"], tmp_path / "out", *flags)
     ran = ours["engine"]["layout"]  # what megatron's parallel state says ran
-    assert (ran["world_size"], ran["tp"], ran["pp"]) == \
-        ((2, 2, 1) if layout[0] == "--tp" else (2, 1, 2))
+    assert (ran["world_size"], ran["tp"], ran["pp"], ran["dp"]) == expected
     ref = single[kind]
     for task, docs in ref["samples"].items():
         assert len(ours["samples"][task]) == len(docs) > 0

@@ -16,9 +16,16 @@ from engine.pipeline.stages import done
 pytestmark = pytest.mark.slow
 
 
-def _pipeline(tmp_path, make_recipe) -> str:
+def _pipeline(tmp_path, make_recipe, tiny_data) -> str:
+    from engine.eval.tasks import NextLineSpec, next_line_docs, write_task
+
+    texts = [json.loads(line)["text"] for line in open(tiny_data["dir"] / "code-valid.jsonl")]
+    spec = NextLineSpec(samples=8, seed=1)
+    write_task("micro_next_line", tmp_path / "tasks", next_line_docs(texts, spec), spec,
+               source="code-valid")
     base = make_recipe(train={"eval_interval": 2, "eval_steps": 1},
                        checkpoint={"save_interval": 1})
+    base["eval"] = {"tasks": ["micro_next_line"], "include_path": str(tmp_path / "tasks")}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     cpt = {"train.steps": 4, "optim.lr": 1e-3, "train.eval_interval_early": 1,
            "train.eval_early_steps": 2}  # evaluates step 0: continuity on the valid sets
@@ -53,8 +60,8 @@ def _run(path, *args, env=None):
                           timeout=900)
 
 
-def test_pipeline_runs_resumes_and_reports(tmp_path, make_recipe):
-    path = _pipeline(tmp_path, make_recipe)
+def test_pipeline_runs_resumes_and_reports(tmp_path, make_recipe, tiny_data):
+    path = _pipeline(tmp_path, make_recipe, tiny_data)
     pipe = load_pipeline(path)
     # interrupted: a stop request ends the first stage after one step, with a checkpoint
     stop = tmp_path / "STOP"
@@ -87,13 +94,21 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, make_recipe):
     step0 = {r["stage"]: r for r in step0_continuity(pipe, curves)}
     assert set(step0) == {"cpt", "cpt_moe"}
     assert all(abs(r["after"] - r["before"]) < 1e-4 for r in step0.values())
+    # the task probes: exact growth keeps the accuracy, and the report shows it per stage
+    assert curves["cpt"].tasks["micro_next_line"][0] == \
+        (0, curves["pretrain"].tasks["micro_next_line"][-1][1])
 
     report = (tmp_path / "run" / "report.md").read_text()
     figures = json.loads((tmp_path / "run" / "report.json").read_text())  # the same numbers
     assert {g["stage"] for g in figures["growth"]} == {"grow", "moe"}
     assert [s["stage"] for s in figures["stages"]] == [s.name for s in pipe.stages]
     assert "| cpt | cpt_random (random init) | code |" in report
-    for png in ("loss_all_stages.png", "growth_step0.png", "baselines_cpt.png"):
+    assert "acc micro_next_line" in report
+    stages = {s["stage"]: s for s in figures["stages"]}
+    assert stages["cpt"]["task_acc"]["micro_next_line"] == \
+        curves["cpt"].tasks["micro_next_line"][-1][1]
+    for png in ("loss_all_stages.png", "tasks_all_stages.png", "growth_step0.png",
+                "baselines_cpt.png"):
         assert (tmp_path / "run" / png).stat().st_size > 10_000
     assert "hf" in report and (tmp_path / "run" / "hf" / "verify.json").is_file()
 

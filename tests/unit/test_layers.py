@@ -3,10 +3,11 @@ functions included, read from the source):
 
     commands (engine/cli.py, */cli.py, upcycle/commands.py)
       -> convert, upcycle, pipeline, bench
-         -> train -> checkpoint -> models, data, distributed -> config
+         -> train -> eval -> checkpoint -> models, data, distributed -> config
 
-convert and upcycle never import each other, train, pipeline or bench; checkpoint never imports
-convert, upcycle or train; models and config never import what is built on them."""
+convert and upcycle never import each other, train, pipeline or bench; eval (lm-eval on a model,
+also the probes inside training) never imports train; checkpoint never imports convert, upcycle,
+train or eval; models and config never import what is built on them."""
 
 import ast
 from pathlib import Path
@@ -17,14 +18,16 @@ ENGINE = Path(__file__).resolve().parents[2] / "engine"
 
 FORBIDDEN = {  # package -> the packages its library modules must not import
     "config": {"models", "checkpoint", "convert", "upcycle", "train", "pipeline", "bench",
-               "data", "distributed", "kernels", "compat"},
+               "data", "distributed", "kernels", "compat", "eval"},
     "models": {"checkpoint", "convert", "upcycle", "train", "pipeline", "bench", "data",
-               "distributed"},
-    "distributed": {"models", "checkpoint", "convert", "upcycle", "train", "pipeline", "bench"},
-    "checkpoint": {"convert", "upcycle", "train", "pipeline", "bench"},
-    "data": {"checkpoint", "convert", "upcycle", "train", "pipeline", "bench"},
+               "distributed", "eval"},
+    "distributed": {"models", "checkpoint", "convert", "upcycle", "train", "pipeline", "bench",
+                    "eval"},
+    "checkpoint": {"convert", "upcycle", "train", "pipeline", "bench", "eval"},
+    "data": {"checkpoint", "convert", "upcycle", "train", "pipeline", "bench", "eval"},
     "convert": {"upcycle", "train", "pipeline", "bench"},
     "upcycle": {"convert", "train", "pipeline", "bench"},
+    "eval": {"convert", "upcycle", "train", "pipeline", "bench"},
     "train": {"convert", "upcycle", "pipeline", "bench"},
 }
 COMMANDS = {"cli.py", "commands.py"}
