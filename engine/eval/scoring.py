@@ -53,26 +53,31 @@ class Scorer:
         """Input tokens run through the model so far (for throughput reports)."""
 
     # --- the model ---------------------------------------------------------------------------
-    def _logits(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """[b, s, vocab_size] float32 log-probabilities on the last pipeline stage, else None."""
+    def _logprobs(self, tokens: torch.Tensor, wanted: list[range]) -> list[torch.Tensor] | None:
+        """Per row of `tokens` [b, s], the float32 log-probabilities [len(wanted[row]), vocab]
+        at its `wanted` positions, on the last pipeline stage; None on the other stages. Only
+        those positions go through the output layer (engine.models.forward)."""
         from engine.models.forward import parallel_logits
 
         b, s = tokens.shape
         padded = -(-s // self.pad_to) * self.pad_to
         if padded != s:  # right padding: the causal positions before it do not see it
             tokens = torch.cat([tokens, tokens.new_zeros(b, padded - s)], dim=1)
+        positions = torch.tensor([(row, p) for row, span in enumerate(wanted) for p in span],
+                                 dtype=torch.long).view(-1, 2)
         device = next(self.chunks[0].parameters()).device
         for chunk in self.chunks:
             chunk.eval()
         try:
-            logits = parallel_logits(self.chunks, tokens.to(device))
+            logits = parallel_logits(self.chunks, tokens.to(device), positions)
         finally:
             for chunk in self.chunks:
                 chunk.train()
         if logits is None:
             return None
-        # megatron's logits are [b, s, padded vocab] here (gathered over tensor parallelism)
-        return torch.log_softmax(logits[:, :s, : self.vocab_size].float(), dim=-1)
+        # [k, padded vocab] -> the real vocabulary (the padding rows are no tokens)
+        logprobs = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
+        return list(logprobs.split([len(span) for span in wanted]))
 
     def _broadcast(self, values: list) -> list:
         """The last pipeline stage's `values` on every rank of its pipeline group."""
@@ -86,11 +91,13 @@ class Scorer:
                                    group=ps.get_pipeline_model_parallel_group())
         return box[0]
 
-    def _run(self, batches: list[list[int]], rows: Sequence[Sequence[int]], answer) -> list:
-        """`answer(logprobs, batch)` (a list per batch, computed on the last pipeline stage) for
-        every batch of row indices, spread over the data-parallel replicas and gathered, in
-        batch order on every rank. A replica short of a batch repeats one and drops its answer,
-        so that every rank runs the same number of forwards (expert parallelism's collectives
+    def _run(self, batches: list[list[int]], rows: Sequence[Sequence[int]], wanted, answer
+             ) -> list:
+        """For every batch of row indices: `answer(logprobs, batch)` (a list per batch, computed
+        on the last pipeline stage from each row's log-probabilities at the positions
+        `wanted(i)`), the batches spread over the data-parallel replicas and gathered, in batch
+        order on every rank. A replica short of a batch repeats one and drops its answer, so
+        that every rank runs the same number of forwards (expert parallelism's collectives
         need it)."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
@@ -101,7 +108,8 @@ class Scorer:
         for first in range(0, len(batches), dp):
             index = first + rank
             batch = batches[min(index, len(batches) - 1)]
-            logprobs = self._logits(_pad_rows([rows[i] for i in batch], len(rows[batch[0]]), 0))
+            tokens = _pad_rows([rows[i] for i in batch], len(rows[batch[0]]), 0)
+            logprobs = self._logprobs(tokens, [wanted(i) for i in batch])
             answers = self._broadcast([] if logprobs is None else answer(logprobs, batch))
             if index < len(batches):
                 mine[index] = answers
@@ -129,19 +137,20 @@ class Scorer:
             conts.append(list(continuation))
         order = sorted(range(len(inputs)), key=lambda i: (-len(inputs[i]), inputs[i]))
 
-        def answer(logprobs: torch.Tensor, batch: list[int]) -> list[Scored]:
+        def wanted(i: int) -> range:  # the continuation's positions
+            return range(len(inputs[i]) - len(conts[i]), len(inputs[i]))
+
+        def answer(logprobs: list[torch.Tensor], batch: list[int]) -> list[Scored]:
             scored = []
-            for row, i in enumerate(batch):
-                n, end = len(conts[i]), len(inputs[i])
-                lp = logprobs[row, end - n:end]  # [n, vocab]: the continuation's positions
+            for lp, i in zip(logprobs, batch, strict=True):  # lp: [n, vocab]
                 target = torch.tensor(conts[i], dtype=torch.long, device=lp.device)
                 scored.append(Scored(float(lp.gather(1, target[:, None]).sum()),
                                      bool((lp.argmax(-1) == target).all())))
             return scored
 
         batches = self._batches(order)
-        answers = {i: s for batch, scored in zip(batches, self._run(batches, inputs, answer),
-                                                 strict=True)
+        answers = {i: s for batch, scored in zip(batches, self._run(batches, inputs, wanted,
+                                                                    answer), strict=True)
                    for i, s in zip(batch, scored, strict=True)}
         return [answers[i] for i in range(len(inputs))]
 
@@ -153,8 +162,32 @@ class Scorer:
         rows = [list(c)[-self.max_length:] for c in contexts]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         batches = self._batches(order)
-        chosen = self._run(batches, rows, lambda logprobs, batch: [
-            choose(logprobs[r, len(rows[i]) - 1]) for r, i in enumerate(batch)])
+        chosen = self._run(batches, rows, lambda i: range(len(rows[i]) - 1, len(rows[i])),
+                           lambda logprobs, batch: [choose(lp[0]) for lp in logprobs])
         out = {i: t for batch, tokens in zip(batches, chosen, strict=True)
                for i, t in zip(batch, tokens, strict=True)}
         return [out[i] for i in range(len(rows))]
+
+    def token_losses(self, rows: Sequence[Sequence[int]]) -> list[list[float]]:
+        """For each row of at most max_length + 1 tokens, the loss (nats) of every token after
+        the first given the ones before it: -log p(row[i+1] | row[:i+1]) for each i,
+        computed on the last pipeline stage and broadcast (engine eval --per-position)."""
+        for row in rows:
+            if len(row) > self.max_length + 1:
+                raise ValueError(f"token_losses: a row of {len(row)} tokens; at most max_length"
+                                 f" + 1 = {self.max_length + 1}")
+        inputs = [list(r)[:-1] for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: -len(inputs[i]))
+
+        def answer(logprobs: list[torch.Tensor], batch: list[int]) -> list[list[float]]:
+            out = []
+            for lp, i in zip(logprobs, batch, strict=True):  # lp: [len(row) - 1, vocab]
+                target = torch.tensor(rows[i][1:], dtype=torch.long, device=lp.device)
+                out.append((-lp.gather(1, target[:, None])[:, 0]).tolist())
+            return out
+
+        batches = self._batches(order)
+        got = self._run(batches, inputs, lambda i: range(len(inputs[i])), answer)
+        losses = {i: x for batch, part in zip(batches, got, strict=True)
+                  for i, x in zip(batch, part, strict=True)}
+        return [losses[i] for i in range(len(rows))]
