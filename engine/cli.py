@@ -100,12 +100,21 @@ TOKENIZER_COMMANDS = {
                "add domain tokens to a sentencepiece/HF BPE tokenizer; base ids never move"),
 }
 
+DATA_COMMANDS = {
+    "split-length": (_lazy("engine.data.lengths_cli", "split_length_main"),
+                     "split a .bin/.idx by document length (long documents to up-sample)"),
+    "lengths": (_lazy("engine.data.lengths_cli", "lengths_main"),
+                "length histograms of a recipe's blend: files and the samples drawn"),
+}
+
 COMMANDS = {
     "train": (train_main, "train or continue training a model from a recipe (torchrun-ready)"),
     "preprocess": (_lazy("engine.data.cli", "preprocess_main"),
                    "tokenize jsonl/txt files into megatron .bin/.idx datasets"),
     "tokenizer": (lambda argv: dispatch("engine tokenizer", TOKENIZER_COMMANDS, argv),
                   "tokenizer tools: train, extend"),
+    "data": (lambda argv: dispatch("engine data", DATA_COMMANDS, argv),
+             "dataset tools for long-context stages: split-length, lengths"),
     "corpus": (_lazy("engine.data.cli", "corpus_main"),
                "write a corpus (shakespeare, stdlib, manpages --lang cs) as jsonl train/valid"),
     "convert": (_lazy("engine.convert.cli", "convert_main"),
@@ -117,13 +126,15 @@ COMMANDS = {
     "generate": (_lazy("engine.eval.cli", "generate_main"),
                  "continue a prompt with a checkpoint (greedy or top-p)"),
     "tasks": (_lazy("engine.eval.cli", "tasks_main"),
-              "probe tasks from held-out text: build next-line"),
+              "lm-eval tasks: build next-line|passkey; summary (passkey, per-position)"),
     "model": (lambda argv: dispatch("engine model", MODEL_COMMANDS, argv),
               "real pretrained models: fetch"),
     "bench": (_lazy("engine.bench.cli", "main"),
               "throughput benchmarks: train, compare, kernels, sweep, collect, eval"),
     "pipeline": (_lazy("engine.pipeline.cli", "pipeline_main"),
                  "multi-stage runs (train, grow, export): run, report, submit to Slurm"),
+    "analyze": (_lazy("engine.analyze.cli", "analyze_main"),
+                "CPT analyses of finished runs: cmr (mixture ratio), predict (loss law), gap"),
 }
 
 

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.analyze.runs import read_scalars
+from engine.analyze.stability import stability_gap
 from engine.files import write_atomic
 from engine.pipeline.config import Pipeline, Stage
 from engine.pipeline.stages import done, output
@@ -33,20 +35,6 @@ class Curve:
     @property
     def tokens(self) -> int:
         return self.steps * self.tokens_per_step
-
-
-def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] sorted by step; a step logged twice (a resumed run) keeps the
-    last value written."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    out = {}
-    for tag in acc.Tags()["scalars"]:
-        by_step = {e.step: e.value for e in acc.Scalars(tag)}
-        out[tag] = sorted(by_step.items())
-    return out
 
 
 def read_curve(pipe: Pipeline, stage: Stage) -> Curve:
@@ -172,10 +160,11 @@ def comparisons(pipe: Pipeline, curves: dict[str, Curve]) -> list[Comparison]:
 
 
 def growth_steps(pipe: Pipeline) -> list[dict]:
-    """Per upcycle stage: the loss on the same tokens before and after (its report.json)."""
+    """Per upcycle stage: the loss on the same tokens before and after (its report.json; for a
+    vocab stage the tokens have old ids only and the change is KL(p_old || p_new))."""
     rows = []
     for s in pipe.stages:
-        if s.kind not in ("scale_up", "scale_out"):
+        if s.kind not in ("scale_up", "scale_out", "vocab"):
             continue
         path = output(pipe, s) / "report.json"
         if not path.is_file():
@@ -184,8 +173,9 @@ def growth_steps(pipe: Pipeline) -> list[dict]:
         v, o = rep["invariant"], rep["options"]
         if v is None:  # measured with --eval-samples 0
             continue
-        method = (f"scale-up {o['width_method']}/{o['depth_method']}" if s.kind == "scale_up"
-                  else f"scale-out {o['num_experts']} experts top-{o['topk']}")
+        method = {"scale_up": lambda: f"scale-up {o['width_method']}/{o['depth_method']}",
+                  "scale_out": lambda: f"scale-out {o['num_experts']} experts top-{o['topk']}",
+                  "vocab": lambda: f"vocab +{rep['added']} tokens, {o['init']}"}[s.kind]()
         rows.append({"stage": s.name, "method": method, "before": v["loss_source"],
                      "after": v["loss_target"], "change": v["loss_change"],
                      "rel_logit_diff": v["max_rel"], "expected_exact": v["expected_exact"]})
@@ -208,6 +198,26 @@ def step0_continuity(pipe: Pipeline, curves: dict[str, Curve]) -> list[dict]:
             if points and points[0][0] == 0 and before.valid.get(name):
                 rows.append({"stage": s.name, "growth": up.name, "valid_set": name,
                              "before": before.valid[name][-1][1], "after": points[0][1]})
+    return rows
+
+
+def stability_gaps(pipe: Pipeline, curves: dict[str, Curve]) -> list[dict]:
+    """Per train stage that starts from earlier weights, per validation set and task probe
+    evaluated at its step 0: the stability gap (engine.analyze.stability: the value before,
+    the worst in the stage and its step, the step it is regained or None)."""
+    rows = []
+    for s in pipe.stages:
+        c = curves.get(s.name)
+        if c is None or s.init == "random" or not s.source:
+            continue
+        series = [("valid", name, pts, False) for name, pts in sorted(c.valid.items())]
+        series += [("task", name, pts, True) for name, pts in sorted(c.tasks.items())]
+        for kind, name, pts, higher in series:
+            if len(pts) < 2 or pts[0][0] != 0:
+                continue
+            gap = stability_gap([st for st, _ in pts], [v for _, v in pts],
+                                higher_is_better=higher)
+            rows.append({"stage": s.name, "kind": kind, "name": name, **gap.as_dict()})
     return rows
 
 
@@ -254,6 +264,15 @@ def write_report(pipe: Pipeline) -> Path:
     lines += [f"| {r['stage']} | {r['growth']} | {r['valid_set']} | {r['before']:.5f} | "
               f"{r['after']:.5f} | {r['after'] - r['before']:+.2e} |"
               for r in step0_continuity(pipe, curves)]
+    gaps = stability_gaps(pipe, curves)
+    lines += ["", "## Stability gap", "", "Per stage from earlier weights: each validation loss "
+              "and probe accuracy at step 0 (before), its worst value in the stage, and the "
+              "first step it is back (Guo et al. 2024).", "",
+              "| stage | series | before | worst | at step | gap | regained at |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {g['stage']} | {g['kind']} {g['name']} | {g['before']:.4f} | "
+              f"{g['worst']:.4f} | {g['worst_step']} | {g['gap']:+.4f} | "
+              f"{g['regained_step'] if g['regained'] else 'not regained'} |" for g in gaps]
     lines += ["", "## Against the baselines", "",
               "Tokens to reach = tokens the stage needed for its validation loss to reach the "
               "baseline's final loss (linear between evaluations); token ratio = that / the "
@@ -272,6 +291,7 @@ def write_report(pipe: Pipeline) -> Path:
                            "done": done(pipe, s), **_curve_figures(curves.get(s.name))}
                           for s in pipe.stages],
                "growth": growth, "step0": step0_continuity(pipe, curves),
+               "stability_gap": gaps,
                "comparisons": [dataclasses.asdict(c) for c in comps]}
     write_atomic(out / "report.json", json.dumps(figures, indent=1) + "\n")
     return write_atomic(out / "report.md", "\n".join(lines) + "\n")

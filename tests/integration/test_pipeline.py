@@ -107,6 +107,14 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, make_recipe, tiny_data):
     stages = {s["stage"]: s for s in figures["stages"]}
     assert stages["cpt"]["task_acc"]["micro_next_line"] == \
         curves["cpt"].tasks["micro_next_line"][-1][1]
+    # the stability gap of each stage from earlier weights, per valid set and probe
+    gaps = {(g["stage"], g["kind"], g["name"]): g for g in figures["stability_gap"]}
+    assert {("cpt", "valid", "code"), ("cpt", "task", "micro_next_line"),
+            ("cpt_moe", "valid", "code")} <= set(gaps)
+    code = curves["cpt"].valid["code"]
+    assert gaps["cpt", "valid", "code"]["before"] == code[0][1]
+    assert gaps["cpt", "valid", "code"]["worst"] == max(v for st, v in code if st > 0)
+    assert "## Stability gap" in report
     for png in ("loss_all_stages.png", "tasks_all_stages.png", "growth_step0.png",
                 "baselines_cpt.png"):
         assert (tmp_path / "run" / png).stat().st_size > 10_000

@@ -6,8 +6,9 @@ functions included, read from the source):
          -> train -> eval -> checkpoint -> models, data, distributed -> config
 
 convert and upcycle never import each other, train, pipeline or bench; eval (lm-eval on a model,
-also the probes inside training) never imports train; checkpoint never imports convert, upcycle,
-train or eval; models and config never import what is built on them."""
+also the probes inside training) never imports train; analyze (fits on finished runs) sits beside
+convert and upcycle and reads runs through checkpoint and train's pure schedule; checkpoint never
+imports convert, upcycle, train or eval; models and config never import what is built on them."""
 
 import ast
 from pathlib import Path
@@ -18,17 +19,19 @@ ENGINE = Path(__file__).resolve().parents[2] / "engine"
 
 FORBIDDEN = {  # package -> the packages its library modules must not import
     "config": {"models", "checkpoint", "convert", "upcycle", "train", "pipeline", "bench",
-               "data", "distributed", "kernels", "compat", "eval"},
+               "data", "distributed", "kernels", "compat", "eval", "analyze"},
     "models": {"checkpoint", "convert", "upcycle", "train", "pipeline", "bench", "data",
-               "distributed", "eval"},
+               "distributed", "eval", "analyze"},
     "distributed": {"models", "checkpoint", "convert", "upcycle", "train", "pipeline", "bench",
                     "eval"},
-    "checkpoint": {"convert", "upcycle", "train", "pipeline", "bench", "eval"},
-    "data": {"checkpoint", "convert", "upcycle", "train", "pipeline", "bench", "eval"},
+    "checkpoint": {"convert", "upcycle", "train", "pipeline", "bench", "eval", "analyze"},
+    "data": {"checkpoint", "convert", "upcycle", "train", "pipeline", "bench", "eval",
+             "analyze"},
     "convert": {"upcycle", "train", "pipeline", "bench"},
     "upcycle": {"convert", "train", "pipeline", "bench"},
-    "eval": {"convert", "upcycle", "train", "pipeline", "bench"},
-    "train": {"convert", "upcycle", "pipeline", "bench"},
+    "eval": {"convert", "upcycle", "train", "pipeline", "bench", "analyze"},
+    "analyze": {"convert", "upcycle", "pipeline", "bench", "eval"},
+    "train": {"convert", "upcycle", "pipeline", "bench", "analyze"},
 }
 COMMANDS = {"cli.py", "commands.py"}
 """Command modules: the edge where a command may combine packages (Scale-Out reads an HF
