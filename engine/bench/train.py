@@ -25,7 +25,13 @@ import torch
 from engine.bench.peak import Peak, device_peak, model_gemm_shapes
 from engine.bench.profile import GemmShape, StepProfile, profile_step
 from engine.bench.row import BenchRow, model_name, throughput
-from engine.config.recipe import CheckpointConfig, LoggingConfig, Recipe, ScheduleConfig
+from engine.config.recipe import (
+    CheckpointConfig,
+    EvalConfig,
+    LoggingConfig,
+    Recipe,
+    ScheduleConfig,
+)
 from engine.models.params import count_parameters
 from engine.train.flops import flops_per_token
 
@@ -45,6 +51,7 @@ def bench_recipe(recipe: Recipe, *, steps: int, warmup: int, data: str = "synthe
         train=dataclasses.replace(r.train, steps=warmup + steps + 1, eval_interval=None,
                                   exit_interval=None, schedule=ScheduleConfig(style="constant")),
         checkpoint=CheckpointConfig(),
+        eval=EvalConfig(),  # no task probes: a benchmark times training steps
         logging=LoggingConfig(log_interval=warmup + steps + 1, tensorboard_dir=None,
                               level=r.logging.level),
     )

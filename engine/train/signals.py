@@ -23,10 +23,12 @@ A signal sent to a whole job step (Slurm's time limit and `scancel` send SIGTERM
 sends USR1, to every process of the step) also reaches the helper processes the workers started.
 dist_checkpointing saves through a Manager process it spawns once per process: a fresh interpreter,
 without these handlers, that the default action of SIGTERM/SIGUSR1 kills, so the stop's own save
-failed (EOFError) whenever an earlier save had started it. `watching()` starts it first, with the
-stop signals ignored: an ignored disposition survives exec, a handler does not. (Forked helpers
-inherit the handlers and only set a flag; a helper orphaned by a killed worker needs SIGKILL,
-which Slurm sends at the end of every job.)
+failed (EOFError) whenever an earlier save had started it. `watching()` starts that helper itself
+(`CheckpointHelper`), ignoring the stop signals, and it must never outlive its worker: it asks the
+kernel to kill it when the worker dies (PR_SET_PDEATHSIG: a worker killed by SIGKILL, OOM or a
+crash), and `watching()` shuts it down on every exit of its block (normal end, an error, a stop).
+Found by hand before: after a user error under torchrun the helpers outlived the ranks, ignored
+SIGTERM and kept stdout open, so `torchrun ... | tail` never returned.
 
 The handlers only set a flag: a hung process still needs SIGKILL (torchrun and Slurm send it after
 their grace periods). Owns the handlers and the two files; never imports the training code.
@@ -74,13 +76,15 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        start_checkpoint_helper_ignoring_stop_signals()
+        helper = CheckpointHelper.start()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         try:
             yield self
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if helper is not None:
+                helper.stop()
 
     def reason(self) -> str | None:
         """This process's reason to stop (a signal's name, or the stop file), or None."""
@@ -101,27 +105,65 @@ class StopRequest:
         return bool(flag.item())
 
 
-def start_checkpoint_helper_ignoring_stop_signals() -> int | None:
-    """Start dist_checkpointing's write-results Manager (once per process, as its first save
-    would) with SIGUSR1/SIGTERM ignored, so a signal to the whole job step leaves it alive.
-    Returns its pid, or None where megatron-core no longer has it (then a warning says so)."""
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
+PR_SET_PDEATHSIG = 1
+"""prctl option (linux/prctl.h): the signal a process gets when its parent thread exits."""
 
-        get_queue = filesystem_async._get_write_results_queue
-    except (ImportError, AttributeError):
-        log.warning("megatron-core's _get_write_results_queue moved: a job-wide SIGTERM may kill "
-                    "the checkpoint writer's helper (engine/train/signals.py)")
-        return None
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+
+def _helper_init(parent: int) -> None:
+    """Runs first in the helper process: ignore the job's stop signals, die with the worker."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
-        queue = get_queue()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    manager = getattr(queue, "_manager", None)
-    process = getattr(manager, "_process", None)
-    return process.pid if process is not None else None
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: shut down by stop() only
+        return
+    if os.getppid() != parent:  # the worker died before the request took effect
+        os._exit(0)
+
+
+class CheckpointHelper:
+    """dist_checkpointing's write-results Manager process, started by us so that it ignores the
+    stop signals and dies with this process (megatron-core 0.16.1 creates it lazily in
+    `filesystem_async._get_write_results_queue` as `spawn` context `Manager().Queue()`; we put
+    an equal queue from our own manager into that module's `_results_queue` first)."""
+
+    def __init__(self, manager, module):
+        self.manager, self.module = manager, module
+
+    @classmethod
+    def start(cls) -> CheckpointHelper | None:
+        try:
+            from megatron.core.dist_checkpointing.strategies import filesystem_async as module
+
+            module._get_write_results_queue  # noqa: B018 - the function whose global we fill
+        except (ImportError, AttributeError):
+            log.warning("megatron-core's _get_write_results_queue moved: a job-wide SIGTERM may "
+                        "kill the checkpoint writer's helper (engine/train/signals.py)")
+            return None
+        if module._results_queue is not None:  # another block of this process started one
+            return None
+        import multiprocessing
+        from multiprocessing.managers import SyncManager
+
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(_helper_init, (os.getpid(),))
+        module._results_queue = manager.Queue()
+        return cls(manager, module)
+
+    @property
+    def pid(self) -> int | None:
+        process = getattr(self.manager, "_process", None)
+        return process.pid if process is not None else None
+
+    def stop(self) -> None:
+        """Shut the helper down and forget its queue (the next block starts a new one)."""
+        self.module._results_queue = None
+        try:
+            self.manager.shutdown()
+        except (OSError, EOFError):  # already gone (killed with the job)
+            pass
 
 
 def write_resume_file(step: int, checkpoint: Path) -> Path | None:
