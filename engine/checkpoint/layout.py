@@ -24,6 +24,8 @@ class SavedLayout:
     ep: int = 1
     padded_vocab_size: int | None = None
     """Rows of the embedding (engine.models.vocab): a model loading this checkpoint keeps them."""
+    cp: int = 1
+    """Context-parallel size (no weights are split over it; RNG states are per dp x cp rank)."""
 
     def optimizer_metadata(self) -> dict:
         # fully_reshardable gathers each parameter's state on DP rank 0: megatron's default path
@@ -51,6 +53,7 @@ def current_layout(*, distributed_optimizer: bool = False,
         pp=ps.get_pipeline_model_parallel_world_size(),
         dp=ps.get_data_parallel_world_size(),
         ep=ps.get_expert_model_parallel_world_size(),
+        cp=ps.get_context_parallel_world_size(),
         distributed_optimizer=distributed_optimizer,
         optim_sharding=optim_sharding,
         padded_vocab_size=padded_vocab_size,

@@ -1,4 +1,4 @@
-"""RNG states in a checkpoint: one megatron ShardedObject per (pp, tp, dp) coordinate, restored
+"""RNG states in a checkpoint: one megatron ShardedObject per (pp, tp, dp x cp) coordinate, restored
 only when the run has the layout it was saved at."""
 
 from __future__ import annotations
@@ -9,18 +9,19 @@ import torch
 
 
 def rng_layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(shape, offset) of this rank's RNG object: (pp, tp, dp) sizes and ranks."""
+    """(shape, offset) of this rank's RNG object: (pp, tp, dp x cp) sizes and ranks (the
+    context-parallel ranks of a data-parallel rank each have their own states)."""
     from megatron.core import parallel_state as ps
 
     shape = (
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_tensor_model_parallel_world_size(),
-        ps.get_data_parallel_world_size(),
+        ps.get_data_parallel_world_size(with_context_parallel=True),
     )
     offset = (
         ps.get_pipeline_model_parallel_rank(),
         ps.get_tensor_model_parallel_rank(),
-        ps.get_data_parallel_rank(),
+        ps.get_data_parallel_rank(with_context_parallel=True),
     )
     return shape, offset
 

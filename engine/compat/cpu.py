@@ -65,6 +65,11 @@ SOURCE_REWRITES = (
     # tied embeddings with pipeline parallelism: the last stage's copy is synced from the first
     ("megatron.core.models.common.language_module.language_module",
      "LanguageModule.setup_embeddings_and_output_layer", _TO_CURRENT_DEVICE),
+    # context parallelism: the rotary angles of this rank's chunks are selected with an index
+    # tensor made in pinned memory and moved by .cuda() (pinned memory needs an accelerator)
+    ("megatron.core.models.common.embeddings.rope_utils", "get_pos_emb_on_this_cp_rank",
+     (('device="cpu", pin_memory=True', 'device="cpu"'),
+      (".cuda(non_blocking=True)", ".to(torch.cuda.current_device())"))),
     # uneven collectives (the alltoall MoE dispatcher with tensor parallelism): gloo requires
     # equal sizes, so these go through padded equivalents below
     ("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim",

@@ -1,4 +1,6 @@
 """`engine eval`, `engine generate`, `engine tasks build`: argument parsing, output files, console.
+The long-context ones (passkey tasks, loss by position, their summaries) are in
+engine.eval.long_cli.
 
 Under torchrun every rank runs the same command (the model is split over them); rank 0 prints
 and writes. Files are written only when everything ran, each through a temporary file.
@@ -13,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from engine.eval.long_cli import add_per_position_flags, per_position_main
 from engine.eval.tasks import NextLineSpec
 from engine.options import add_options, options_from_namespace
 
@@ -31,7 +34,7 @@ def _load(args, batch_size: int):
 
     tokenizer = (args.tokenizer_type, args.tokenizer) if args.tokenizer else None
     return load_for_eval(args.ckpt, tp=args.tp, pp=args.pp, batch_size=batch_size,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, max_length=getattr(args, "max_length", None))
 
 
 def eval_main(argv: list[str]) -> int:
@@ -39,7 +42,7 @@ def eval_main(argv: list[str]) -> int:
         "Evaluate an engine checkpoint on lm-evaluation-harness tasks (the engine is an lm-eval "
         "model backend); run under torchrun for a TP/PP layout."))
     _layout_flags(p)
-    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--tasks", help="comma-separated task names (* and ? match local tasks)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's)")
     p.add_argument("--limit", type=int, help="at most this many documents per task")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
@@ -48,19 +51,27 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--out", help="directory for results.json (and samples_<task>.jsonl)")
     p.add_argument("--log-samples", action="store_true", help="also write every request")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed")
+    add_per_position_flags(p)
     args = p.parse_args(argv)
+    if not args.tasks and not args.per_position:
+        p.error("give --tasks, or --per-position DATA")
     from engine.distributed import destroy_distributed, parallel_sizes
     from engine.eval.harness import load_tasks, quiet, run_tasks
     from engine.eval.lm import engine_lm
 
     if os.environ.get("RANK", "0") != "0":
         quiet()  # rank 0 shows the progress
+    if args.per_position:
+        try:
+            per_position_main(args, _load(args, args.batch_size))
+        finally:
+            destroy_distributed()
+        return 0
     names = [t for t in args.tasks.split(",") if t]
     tasks = load_tasks(names, args.include_path)  # a bad task fails before the model loads
     try:
         model = _load(args, args.batch_size)
-        lm = engine_lm(model.scorer, model.tokenizer,
-                       max_length=model.recipe.model.max_position_embeddings)
+        lm = engine_lm(model.scorer, model.tokenizer, max_length=model.scorer.max_length)
         start = time.perf_counter()
         results = run_tasks(lm, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
                             log_samples=args.log_samples, seed=args.seed)
@@ -151,14 +162,27 @@ def tasks_build_main(argv: list[str]) -> int:
 
 
 def _tasks_build(argv: list[str]) -> int:
+    if argv and argv[0] == "passkey":
+        from engine.eval.long_cli import passkey_build_main
+
+        return passkey_build_main(argv[1:])
     if not argv or argv[0] != "next-line":
-        print("usage: engine tasks build next-line --input DOCS --name NAME --out DIR "
-              "(the one kind so far)", file=sys.stderr)
+        print("usage: engine tasks build next-line --input DOCS --name NAME --out DIR\n"
+              "       engine tasks build passkey --lengths 256,512 --ckpt CKPT --out DIR",
+              file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return tasks_build_main(argv[1:])
 
 
-TASKS_COMMANDS = {"build": (_tasks_build, "write an lm-eval task from held-out text")}
+def _summary(argv: list[str]) -> int:
+    from engine.eval.long_cli import summary_main
+
+    return summary_main(argv)
+
+
+TASKS_COMMANDS = {"build": (_tasks_build, "write lm-eval tasks: next-line (held-out text), "
+                            "passkey (long context)"),
+                  "summary": (_summary, "passkey accuracy heat-maps, per-position loss curves")}
 
 
 def tasks_main(argv: list[str]) -> int:

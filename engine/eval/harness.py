@@ -99,6 +99,24 @@ def local_task_config(path: Path) -> dict:
     return data
 
 
+def expand_task_names(names: Sequence[str], local: Sequence[str]) -> list[str]:
+    """`names` with each pattern (`*`, `?`, `[...]`) replaced by the local tasks it matches, in
+    sorted order (`passkey_*`: every task `engine tasks build passkey` wrote)."""
+    import fnmatch
+
+    out = []
+    for name in names:
+        if not any(c in name for c in "*?["):
+            out.append(name)
+            continue
+        matched = sorted(fnmatch.filter(local, name))
+        if not matched:
+            raise ConfigError(f"--tasks {name}: matches no local task (configs/tasks/ and "
+                              "--include-path)")
+        out += matched
+    return list(dict.fromkeys(out))
+
+
 @dataclass
 class TaskSet:
     """Named lm-eval tasks, loaded once (their documents read, their requests not yet built)."""
@@ -123,6 +141,7 @@ def load_tasks(names: Sequence[str], include_paths: Sequence[str | os.PathLike] 
         if not p.is_dir():
             raise ConfigError(f"--include-path {p}: not a directory of task YAMLs")
     local = _local_tasks(paths)
+    names = expand_task_names(names, local)
     requested = [local_task_config(local[n]) if n in local else n for n in names]
     builtin = [n for n in names if n not in local]
     manager = TaskManager(include_defaults=bool(builtin))  # the registry takes seconds to index

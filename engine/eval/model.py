@@ -40,10 +40,18 @@ def eval_tokenizer(recipe: Recipe, where: str):
     return tokenizer
 
 
+def context_length(recipe: Recipe) -> int:
+    """The longest input the model is evaluated on: model.max_position_embeddings, or the
+    sequence length it was trained at when longer (a RoPE-scaled long-context stage)."""
+    return max(recipe.model.max_position_embeddings, recipe.data.seq_length)
+
+
 def load_for_eval(ckpt: str | os.PathLike, *, tp: int = 1, pp: int = 1, batch_size: int = 16,
-                  tokenizer: tuple[str, str] | None = None) -> EvalModel:
+                  tokenizer: tuple[str, str] | None = None,
+                  max_length: int | None = None) -> EvalModel:
     """The checkpoint `ckpt` at tensor/pipeline size tp/pp (the world's other ranks are data
-    parallel replicas); `tokenizer` = (type, path) overrides the recipe's."""
+    parallel replicas); `tokenizer` = (type, path) overrides the recipe's; `max_length` the
+    longest input (default `context_length`)."""
     from engine.checkpoint import load_weights
     from engine.checkpoint.unsharded import checkpoint_rows, read_recipe
     from engine.config.validate import validate
@@ -70,7 +78,7 @@ def load_for_eval(ckpt: str | os.PathLike, *, tp: int = 1, pp: int = 1, batch_si
         chunks = [c.to(runtime.device) for c in chunks]
     load_weights(path, chunks)
     scorer = Scorer(chunks, vocab_size=recipe.model.vocab_size,
-                    max_length=recipe.model.max_position_embeddings, batch_size=batch_size,
+                    max_length=max_length or context_length(recipe), batch_size=batch_size,
                     pad_to=tp if sequence_parallel else 1)
     return EvalModel(recipe=recipe, path=path, chunks=chunks, tokenizer=tok, scorer=scorer,
                      is_main=runtime.is_main)

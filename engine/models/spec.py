@@ -8,6 +8,8 @@ identical for both specs.
 With `fused=True` (recipe `model.fused_kernels`) the local spec's leaves become the fused-kernel
 subclasses of `engine.kernels` (RMSNorm, SwiGLU MLP, RoPE self-attention, SDPA core attention):
 same parameters and keys, the csrc kernels where built. The TE spec has its own fused layers.
+With context parallelism or document masks the local spec's core attention is
+engine.models.cp_attention's (megatron's local attention has neither).
 """
 
 import copy
@@ -41,6 +43,14 @@ def resolve_spec(requested: str, *, fp8: str | None = None) -> str:
             f"but the spec is {spec}" + ("" if usable_te else f": {why}")
         )
     return spec
+
+
+def check_training_attention(spec: str, *, reset_attention_mask: bool) -> None:
+    """Refuse document masks where the attention cannot apply them: the TE spec takes document
+    boundaries as packed-sequence parameters (THD), which the engine does not build."""
+    if reset_attention_mask and spec != "local":
+        raise ConfigError("data.reset_attention_mask=true needs the local spec's attention "
+                          f"(model.spec=local), but the spec is {spec}")
 
 
 def _swap_leaves(node, old: tuple[type, ...], new: type, *, exact: bool = False):
@@ -79,9 +89,24 @@ def _fused_leaves(block):
     return block
 
 
-def decoder_block_spec(config, spec: str, vp_stage: int | None = None, *, fused: bool = False):
+def _cp_attention(block):
+    """The local spec with its core attention (megatron's, or the fused SDPA one) replaced by
+    engine.models.cp_attention's: context parallelism and document masks."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from engine.kernels.modules import SdpaAttention
+    from engine.models.cp_attention import ContextParallelAttention
+
+    return _swap_leaves(block, (DotProductAttention, SdpaAttention), ContextParallelAttention,
+                        exact=True)
+
+
+def decoder_block_spec(config, spec: str, vp_stage: int | None = None, *, fused: bool = False,
+                       masked: bool = False):
     """The `TransformerBlockSubmodules` for this pipeline rank (and virtual stage); `fused` puts
-    the fused-kernel modules into the local spec."""
+    the fused-kernel modules into the local spec; `masked` (document masks given with each
+    batch) or context parallelism (config.context_parallel_size > 1) its attention becomes
+    engine.models.cp_attention's."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
@@ -102,4 +127,5 @@ def decoder_block_spec(config, spec: str, vp_stage: int | None = None, *, fused:
         pass
     # WrappedTorchNorm is a factory (__new__ returns torch.nn.RMSNorm), so match it by identity.
     block = _swap_leaves(copy.deepcopy(block), local_norms, RMSNorm)
-    return _fused_leaves(block) if fused else block
+    block = _fused_leaves(block) if fused else block
+    return _cp_attention(block) if masked or config.context_parallel_size > 1 else block

@@ -15,12 +15,14 @@ import torch
 
 from engine.config.validate import Layout
 
+KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+"""What a microbatch holds, [b, s] each; plus `attention_mask` [b, 1, s, s] (megatron's document
+mask, True = masked) when the samples have one (data.reset_attention_mask)."""
+
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    return {
-        k: torch.stack([torch.as_tensor(s[k]) for s in samples])
-        for k in ("tokens", "labels", "loss_mask", "position_ids")
-    }
+    keys = KEYS + (("attention_mask",) if "attention_mask" in samples[0] else ())
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
 
 
 @dataclass(frozen=True, slots=True)
