@@ -1,5 +1,6 @@
-"""`engine upcycle scale-up | scale-out`: flags from the options dataclasses (engine.options),
-one result line, exit code 1 when a growth that should preserve the function does not."""
+"""`engine upcycle scale-up | scale-out | vocab`: flags from the options dataclasses
+(engine.options), one result line, exit code 1 when a growth that should preserve the function
+does not (for vocab: logits over the old vocabulary moved, or `mean` broke its KL bound)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from engine.options import add_options, options_from_namespace
 from engine.upcycle.commands import (
     ScaleOutOptions,
     ScaleUpOptions,
+    VocabOptions,
     scale_out_checkpoint,
     scale_up_checkpoint,
+    vocab_checkpoint,
 )
 
 
@@ -69,9 +72,29 @@ scale_out_main = _command(
     ScaleOutOptions, "dense engine checkpoint (any saved layout), or an HF directory",
     scale_out_checkpoint, _experts)
 
+
+def _resized(report: dict) -> str:
+    line = (f"{report['old_vocab_size']} -> {report['vocab_size']} tokens "
+            f"({report['target']['padded_vocab_size']} rows), {report['init']}")
+    v = report["invariant"]
+    if v is not None:
+        line += f" | KL(p_old||p_new) {v['kl_mean']:.3e} (log(1+k/n) {v['kl_bound']:.3e})"
+    return line
+
+
+vocab_main = _command(
+    "engine upcycle vocab",
+    "Resize a checkpoint's vocabulary for an extended tokenizer (engine tokenizer extend): old "
+    "rows kept bit for bit, new rows from the base tokenizer's split of each new token "
+    "(subtoken-mean), the mean row (mean) or noise (normal); padded for the target TP/PP; the "
+    "new tokenizer goes into the checkpoint. Warm the new rows with train.freeze.",
+    VocabOptions, "engine checkpoint (any saved layout; HF models: engine convert hf-to-engine)",
+    vocab_checkpoint, _resized)
+
 COMMANDS = {
     "scale-up": (scale_up_main, "grow a dense model wider and deeper (Scale-Up)"),
     "scale-out": (scale_out_main, "turn a dense model into a mixture of experts (Scale-Out)"),
+    "vocab": (vocab_main, "resize the vocabulary for an extended tokenizer (new rows initialized)"),
 }
 
 

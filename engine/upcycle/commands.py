@@ -1,11 +1,13 @@
-"""`engine upcycle scale-up | scale-out` as Python functions of the same shape:
-`scale_up_checkpoint(ckpt, out, **options)` and `scale_out_checkpoint(ckpt, out, **options)`,
-each read -> pure math -> measure -> write, returning the report (also out/report.json).
+"""`engine upcycle scale-up | scale-out | vocab` as Python functions of the same shape:
+`scale_up_checkpoint(ckpt, out, **options)`, `scale_out_checkpoint(ckpt, out, **options)` and
+`vocab_checkpoint(ckpt, out, **options)`, each read -> pure math -> measure -> write, returning
+the report (also out/report.json).
 
-The options are dataclasses (`ScaleUpOptions`, `ScaleOutOptions`) whose field names are the
-recipe's keys (`hidden_size`, `num_experts`, ...): the same names are the CLI flags
+The options are dataclasses (`ScaleUpOptions`, `ScaleOutOptions`, `VocabOptions`) whose field
+names are the recipe's keys (`hidden_size`, `num_experts`, ...): the same names are the CLI flags
 (engine.options) and a pipeline stage's `args`. This is the command layer around the math
-(scale_up.py, scale_out.py): files, the report, the HF source of Scale-Out (engine.convert).
+(scale_up.py, scale_out.py, vocab.py): files, the report, the HF source of Scale-Out
+(engine.convert), the tokenizers of a vocabulary resize (engine.data.subtokens).
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from engine.checkpoint.unsharded import (
     read_unsharded,
     write_unsharded,
 )
-from engine.config.recipe import ModelConfig, Recipe
+from engine.config.recipe import ModelConfig, Recipe, TokenizerConfig
 from engine.models.build import DTYPES
 from engine.models.vocab import padded_vocab_size
 from engine.models.weights import resize_vocab
+from engine.upcycle import UpcycleError
 from engine.upcycle.depth import DEPTH_METHODS
-from engine.upcycle.invariant import measure_invariant, measurement_tokens
+from engine.upcycle.invariant import measure_invariant, measurement_tokens, storage_dtype
 from engine.upcycle.scale_out import ScaleOutSpec, scale_out
 from engine.upcycle.scale_up import WIDTH_METHODS, ScaleUpSpec, scale_up
 from engine.upcycle.target import grown_model, model_sizes, moe_family, target_recipe
+from engine.upcycle.vocab import INITS, VocabSpec, resize_vocabulary, vocab_shift
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,21 @@ class ScaleOutOptions(UpcycleOptions):
     """Target expert-parallel size (default 1)."""
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VocabOptions(UpcycleOptions):
+    """Vocabulary resize: the extended tokenizer, how new rows start, the layout."""
+
+    tokenizer: str
+    """The extended tokenizer (engine tokenizer extend's directory, a tokenizer.json or a
+    sentencepiece .model): every id of the checkpoint's tokenizer kept, new ids after them."""
+    init: str = field(default="subtoken-mean", metadata={"choices": INITS})
+    """New rows: subtoken-mean (mean of the rows of the base tokens the base tokenizer splits the
+    new token into), mean (mean of all old rows; Hewitt 2021) or normal (N(0, std of the old
+    rows)); engine/upcycle/vocab.py."""
+    seed: int = 0
+    """Seed of the normal init and of random measurement tokens."""
+
+
 def _stored(source: UnshardedModel, recipe: Recipe, state: dict) -> UnshardedModel:
     """The upcycled model as it will be written: vocabulary rows padded for the target's tp,
     weights in its storage dtype (what the measurement sees), the source's history kept."""
@@ -128,8 +147,10 @@ def _measure(source: UnshardedModel, target: UnshardedModel, options, *,
     return measure_invariant(source, target, tokens, where, expected_exact=expected_exact)
 
 
-def _write(out: Path, target: UnshardedModel, report: dict) -> None:
+def _write(out: Path, target: UnshardedModel, report: dict, more=None) -> None:
     def extras(tmp: Path) -> None:
+        if more is not None:
+            more(tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
     write_unsharded(out, target, extras=extras)
@@ -234,4 +255,122 @@ def scale_out_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, **opti
     report["invariant"] = _measure(source, target, opts,
                                    expected_exact=scale_out_exact(recipe.model.moe, spec))
     _write(out, target, report)
+    return report
+
+
+def _tokenizers(source: UnshardedModel, path: str):
+    """(base, new, kind, file) of a resize: the checkpoint's tokenizer and the extended one,
+    checked (one line naming the first moved id; nothing is written before)."""
+    from engine.data.subtokens import first_moved, open_tokenizer
+    from engine.data.tokenizer import load_tokenizer
+
+    tok = source.recipe.tokenizer
+    if tok.type == "none" or not tok.path:
+        raise UpcycleError(f"{source.path}: its recipe names no tokenizer (tokenizer.type none); "
+                           "a resize needs the base tokenizer to keep its ids")
+    base = load_tokenizer(tok.type, tok.path)
+    kind, new = open_tokenizer(path)
+    file = Path(new.path)
+    n = source.recipe.model.vocab_size
+    if base.vocab_size != n:
+        raise UpcycleError(f"{source.path}: model.vocab_size={n} but its tokenizer {tok.path} "
+                           f"has {base.vocab_size} tokens; a resize needs them equal")
+    moved = first_moved(base, new)
+    if moved is not None:
+        raise UpcycleError(f"{file}: {moved.line()}; base ids must not move (extend the "
+                           f"checkpoint's tokenizer {tok.path} with engine tokenizer extend)")
+    if new.vocab_size <= n:
+        raise UpcycleError(f"{file}: {new.vocab_size} tokens, no more than the model's {n}; "
+                           "nothing to add")
+    return base, new, kind, file
+
+
+def _measure_vocab(source: UnshardedModel, target: UnshardedModel,
+                   opts: VocabOptions) -> dict | None:
+    """Logits over the old vocabulary unchanged (the verdict) and the distribution's shift
+    (engine.upcycle.vocab.vocab_shift), on the source's validation tokens (old ids only)."""
+    from engine.checkpoint.unsharded import evaluate
+    from engine.models.measure import compare_logits, next_token_loss
+
+    if not opts.eval_samples:
+        return None
+    tokens, where = measurement_tokens(source.recipe, samples=opts.eval_samples,
+                                       seq_length=opts.eval_seq_length, seed=opts.seed)
+    n, vocab = source.recipe.model.vocab_size, target.recipe.model.vocab_size
+    log.info("measuring on %d x %d tokens (%s), float64", tokens.shape[0], tokens.shape[1] - 1,
+             where["source"])
+    loss_source, logits_source = evaluate(source.recipe, source.state, tokens)
+    loss_target, logits_target = evaluate(target.recipe, target.state, tokens)
+    diff = compare_logits(logits_source, logits_target, vocab_size=n,
+                          dtype=storage_dtype(source, target))
+    shift = vocab_shift(logits_source, logits_target, n, vocab)
+    mean = opts.init == "mean"  # the output rows at the old rows' mean: the KL bound holds
+    bounded = not mean or shift["kl_max"] <= shift["kl_bound"]
+    # the target's loss with its softmax over the old tokens only: the source's, bit for bit
+    old_only = next_token_loss(logits_target, tokens[:, 1:], vocab_size=n)
+    return {"tokens": where, "loss_source": loss_source, "loss_target": loss_target,
+            "loss_change": loss_target - loss_source, "loss_target_old_vocab": old_only,
+            **diff.to_dict(), **shift,
+            "expected_exact": True, "kl_within_bound": bounded if mean else None,
+            "holds": diff.holds and bounded}
+
+
+def _write_fragment(tmp: Path, out: Path, recipe: Recipe, origin: str) -> None:
+    """recipe-fragment.yaml, as an import writes it: the model, its layout, its tokenizer and
+    checkpoint.pretrained, for `engine train --config <recipe> --config <fragment>`."""
+    import yaml
+
+    from engine.config.loader import recipe_to_dict
+
+    plain = recipe_to_dict(recipe)
+    fragment = {"model": plain["model"],
+                "parallel": {k: plain["parallel"][k] for k in ("tp", "pp")},
+                "tokenizer": plain["tokenizer"],
+                "checkpoint": {"pretrained": plain["checkpoint"]["pretrained"]}}
+    (tmp / "recipe-fragment.yaml").write_text(
+        f"# {origin}\n# use: engine train --config <your recipe> --config "
+        f"{out}/recipe-fragment.yaml\n" + yaml.safe_dump(fragment, sort_keys=False))
+
+
+def vocab_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
+    """Resize the model `ckpt` (an engine checkpoint of any layout; import an HF model with
+    engine convert hf-to-engine, which brings its tokenizer) for the extended tokenizer
+    `tokenizer` into the new directory `out` (VocabOptions keywords): old
+    rows kept, new rows by `init`, the vocabulary padded for the target layout, the new
+    tokenizer in out/tokenizer and in the recipe. Returns the report (also out/report.json)."""
+    from engine.convert.hf_io import copy_tokenizer
+    from engine.data.subtokens import base_split, new_pieces
+
+    opts = VocabOptions(**options)
+    out = check_new_output(out)
+    source = read_unsharded(ckpt)
+    base, new, kind, file = _tokenizers(source, opts.tokenizer)
+    src = source.recipe.model
+    pieces = new_pieces(base, new)
+    split = tuple(base_split(base, pieces)) if opts.init == "subtoken-mean" else None
+    recipe = target_recipe(source.recipe, out, model={"vocab_size": new.vocab_size}, tp=opts.tp,
+                           pp=opts.pp, ep=None, what="the resized model")
+    tokenizer_dir = out.resolve() / "tokenizer"
+    recipe = replace(recipe, tokenizer=TokenizerConfig(
+        type=kind, path=str(tokenizer_dir if kind == "hf" else tokenizer_dir / "tokenizer.model")))
+    log.info("resizing %s (step %d) from %d to %d tokens, %s", source.path or ckpt, source.step,
+             src.vocab_size, new.vocab_size, opts.init)
+    state, record = resize_vocabulary(source.state, src, new.vocab_size,
+                                      spec=VocabSpec(init=opts.init, pieces=split, seed=opts.seed))
+    target = _stored(source, recipe, state)
+    report = {"command": "vocab", "source": _source_record(source),
+              "target": {"vocab_size": new.vocab_size, "padded_vocab_size":
+                         target.padded_vocab_size, "tp": recipe.parallel.tp,
+                         "pp": recipe.parallel.pp, "tokenizer": recipe.tokenizer.path},
+              "options": asdict(opts), **record}
+    if split is not None:
+        report["examples"] = [{"id": src.vocab_size + i, "piece": pieces[i],
+                               "base_ids": list(split[i])} for i in range(min(10, len(pieces)))]
+    report["invariant"] = _measure_vocab(source, target, opts)
+
+    def tokenizer_files(tmp: Path) -> None:
+        copy_tokenizer(file.parent if kind == "hf" else file, tmp / "tokenizer")
+        _write_fragment(tmp, out, recipe, f"engine upcycle vocab {source.path} -> {out}")
+
+    _write(out, target, report, tokenizer_files)
     return report
