@@ -45,6 +45,19 @@ def _run_arg(text: str) -> tuple[float | None, str]:
         return None, text  # a directory whose name has '='
 
 
+def expand_runs(runs: list[str]) -> list[str]:
+    """A directory that is no run itself but holds runs (a pipeline sweep's directory,
+    engine.pipeline.sweep) stands for those runs, in name order."""
+    out = []
+    for text in runs:
+        path = Path(text)
+        inner = sorted(d for d in path.iterdir() if (d / "recipe.yaml").is_file()) \
+            if path.is_dir() and not (path / "recipe.yaml").is_file() and \
+            not (path / "tensorboard").is_dir() else []
+        out += [str(d) for d in inner] or [text]
+    return out
+
+
 def _delta(run: Run, name: str) -> dict[int, float]:
     """{step: loss − loss at step 0} of a validation set."""
     points = dict(run.valid(name))
@@ -61,7 +74,7 @@ def analyze_cmr(runs: list[str], *, domain: str, general: str,
     cmr.png into `out`. Each of `runs` is DIR (R = 1 − the recipe's data.replay.fraction) or
     RATIO=DIR."""
     curves, paths = [], []
-    for text in runs:
+    for text in expand_runs(runs):
         ratio, path = _run_arg(text)
         run = open_run(path)
         ratio = mixture_ratio(run) if ratio is None else ratio
@@ -84,8 +97,11 @@ def analyze_cmr(runs: list[str], *, domain: str, general: str,
     except ValueError as e:
         raise ConfigError(f"engine analyze cmr: {e}") from None
     by_ratio, law = dict(zip(ratios, paths)), _power_law_json
+    verdict = (f"critical ratio {result.critical_ratio:.4g}" if result.critical_ratio is not None
+               else f"none feasible: no ratio has dL_{general} <= {epsilon:g} and dL_{domain} < 0"
+                    f" at T_end = {result.tokens_end:,.0f} tokens")
     report = {"epsilon": epsilon, "tokens_end": result.tokens_end, "domain": domain,
-              "general": general, "critical_ratio": result.critical_ratio,
+              "general": general, "verdict": verdict, "critical_ratio": result.critical_ratio,
               "interpolated": result.interpolated, "interval": result.interval,
               "replicates": replicates, "seed": seed, "defined_share": result.defined_share,
               "runs": [{"ratio": f.ratio, "path": by_ratio[f.ratio], "domain": law(f.domain),
@@ -227,7 +243,8 @@ def cmr_main(argv: list[str]) -> int:
         "per-ratio power-law fits of the domain and general loss changes, the largest ratio "
         "within --epsilon of general loss, a bootstrap interval, cmr.json and cmr.png."))
     p.add_argument("runs", nargs="+", metavar="RUN", help="DIR (ratio = 1 - the recipe's "
-                   "data.replay.fraction) or RATIO=DIR (e.g. 1/3=runs/r3)")
+                   "data.replay.fraction) or RATIO=DIR (e.g. 1/3=runs/r3); a pipeline sweep's "
+                   "directory stands for its members")
     p.add_argument("--domain", required=True, help="the domain validation set (valid/NAME)")
     p.add_argument("--general", required=True, help="the general validation set")
     p.add_argument("--epsilon", type=float, default=cmr_law.EPSILON,
@@ -245,6 +262,9 @@ def cmr_main(argv: list[str]) -> int:
         print(f"{row['ratio']:>8.4f}  {row['domain_end']:>10.4f}  {row['general_end']:>10.4f}"
               f"  {'yes' if row['feasible'] else 'no':<8}  {row['path']}")
     interval = rep["interval"]
+    if rep["critical_ratio"] is None:
+        print(f"{rep['verdict']} | {Path(a.out) / 'cmr.json'}")
+        return 0
     print(f"critical ratio {_fmt(rep['critical_ratio'])} (interpolated "
           f"{_fmt(rep['interpolated'])}, 90% interval "
           f"{'-' if interval is None else f'[{interval[0]:.4f}, {interval[1]:.4f}]'}) at "

@@ -70,6 +70,38 @@ def lr_areas(lrs, lam: float = LAMBDA, *, lr_before: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class JoinedAreas:
+    """The areas of several stages' updates one after another (join_areas)."""
+
+    s1: float
+    s2: float
+    final_lr: float
+    """The last update's learning rate (η_0 of a stage that follows)."""
+
+
+def join_areas(records: list[dict], lam: float = LAMBDA) -> JoinedAreas:
+    """S1 and S2 of stages run one after another, from each stage's own record
+    (engine.train.lr_record: steps n, s1, s2 and end momentum m counted with η_0 = η_1, first
+    and final LR): equal to `lr_areas` over the concatenated learning rates. The momentum
+    recurrence is linear, so stage j adds its own S2 plus the carried part: with
+    c = λ·M + (final_{j−1} − first_j), M the momentum at the end of the stages before,
+    m_i = m_i(own) + λ^(i−1)·c, hence S2 += s2_j + c·(1 − λ^n)/(1 − λ) and
+    M ← m_j + λ^(n−1)·c."""
+    if not records:
+        raise ValueError("join_areas: expected at least one stage record, got none")
+    s1 = s2 = carried = 0.0
+    final = None
+    for r in records:
+        n = r["steps"]
+        c = 0.0 if final is None else lam * carried + (final - r["first"])
+        s1 += r["s1"]
+        s2 += r["s2"] + c * (1.0 - lam ** n) / (1.0 - lam)
+        carried = r["m"] + lam ** (n - 1) * c
+        final = r["final"]
+    return JoinedAreas(s1=s1, s2=s2, final_lr=final)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class LawParams:
     """The parameters of the CPT loss law (module docstring for units)."""
 

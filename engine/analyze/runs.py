@@ -11,17 +11,23 @@ Paths inside recipes are taken as written (relative ones from the current direct
 training ran). Tags (engine.train.metrics): `valid/<name>/loss`, `tasks/<task>/acc`,
 `train/lr`, `tokens/total`.
 
-Learning rates: preferably the recipe's schedule, the exact LR of every update
-(`engine.train.schedule.lr_at`, with the checkpoint's decay_file_step); otherwise `train/lr`,
-logged every log_interval steps only, interpolated linearly between logged steps (exact for
-linear warmup and decay, approximate for a cosine).
+Learning rates of the run's own stage: the recipe's schedule, the exact LR of every update
+(`engine.train.schedule.lr_at`, with the checkpoint's decay_file_step), unless `train/lr`, which
+the engine logs at every step, is there for every step and differs (train.override_schedule
+changed the schedule mid-stage): then the logged values (float32). Without a recipe, `train/lr`,
+interpolated linearly between logged steps when only every log_interval-th step has it (exact
+for linear warmup and decay, approximate for a cosine).
 
-The earlier stages: `checkpoint.pretrained` of the recipe names the checkpoint the stage
-started from; its recipe and train state give that stage's schedule and step count, and its
-own `checkpoint.pretrained` the stage before it; an upcycled step-0 checkpoint leads on to the
-source named in its report.json. Followed to the first stage; when the chain does not account
-for every earlier step of the train state's stage history, S1_pt is unknown and the fit
-estimates it. The earlier stage's validation curves join the loss-law fit only when there was
+The earlier stages: S1_pt, S2_pt and the last LR come from the checkpoint's stage history when
+every earlier stage recorded its learning rates (`earlier_stages[i]["lr"]`,
+engine.train.lr_record; joined with loss_law.join_areas); otherwise (checkpoints from before
+those records) they are rebuilt from the schedules: `checkpoint.pretrained` of the recipe names
+the checkpoint the stage started from; its recipe and train state give that stage's schedule
+and step count, and its own `checkpoint.pretrained` the stage before it; an upcycled step-0
+checkpoint leads on to the source named in its report.json. Followed to the first stage; when
+the chain does not account for every earlier step of the train state's stage history, S1_pt is
+unknown and the fit estimates it. The chain is followed in both cases: it finds the earlier
+stage's run. The earlier stage's validation curves join the loss-law fit only when there was
 one earlier stage and no upcycle since (the same model's pretraining curve).
 """
 
@@ -33,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from engine.analyze.loss_law import Curve, PretrainAreas, lr_areas
+from engine.analyze.loss_law import Curve, PretrainAreas, join_areas, lr_areas
 from engine.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -153,11 +159,19 @@ def schedule_lrs(recipe, steps: int, decay_file_step: int | None = None) -> list
 
 
 def stage_lrs(run: Run, steps: int) -> list[float]:
-    """η_1..η_steps of the run: its recipe's schedule, else the logged train/lr interpolated
-    (module docstring)."""
-    if run.recipe is not None:
-        return schedule_lrs(run.recipe, steps, _decay_file_step(run.checkpoint))
+    """η_1..η_steps of the run: its recipe's schedule, or the logged train/lr of every step
+    where they differ, else the logged train/lr interpolated (module docstring)."""
     logged = run.series("train/lr")
+    if run.recipe is not None:
+        planned = schedule_lrs(run.recipe, steps, _decay_file_step(run.checkpoint))
+        every = dict(logged)
+        if all(t in every for t in range(1, steps + 1)) and any(
+                abs(every[t] - planned[t - 1]) > 1e-6 * abs(planned[t - 1]) + 1e-12
+                for t in range(1, steps + 1)):
+            log.warning("%s: the logged train/lr differs from the recipe's schedule "
+                        "(train.override_schedule?): using the logged learning rates", run.path)
+            return [every[t] for t in range(1, steps + 1)]
+        return planned
     if not logged:
         raise ConfigError(f"{run.path}: neither a recipe nor logged train/lr to take the "
                           "learning rates from")
@@ -233,22 +247,35 @@ def history(run: Run) -> History:
             link = source or recipe.checkpoint.pretrained
     stages.reverse()
     lrs = [lr for r, s in stages for lr in schedule_lrs(r, s.step, s.decay_file_step)]
-    expected = None
+    expected, earlier = None, []
     if run.checkpoint is not None and (run.checkpoint / "train_state.json").is_file():
-        expected = sum(s["steps"] for s in read_train_state(run.checkpoint).earlier_stages)
+        earlier = read_train_state(run.checkpoint).earlier_stages
+        expected = sum(s["steps"] for s in earlier)
+    if earlier and all((s.get("lr") or {}).get("steps") == s["steps"] for s in earlier):
+        joined = join_areas([s["lr"] for s in earlier])  # what the updates used
+        single = len(earlier) == 1 and len(stages) == 1 and \
+            stages[0][1].step == earlier[0]["steps"]
+        return History(pt=PretrainAreas(s1=joined.s1, s2=joined.s2), final_lr=joined.final_lr,
+                       earlier=_earlier_run(stages, grown) if single else None,
+                       earlier_lrs=lrs if single else [])
     if not lrs or (expected is not None and expected != len(lrs)):
         if expected:
             log.warning("%s: the earlier stages' schedules account for %d of %d earlier steps; "
                         "S1_pt will be fitted", run.path, len(lrs), expected)
         return History(pt=PretrainAreas(s1=None), final_lr=None)
     s1, s2 = lr_areas(lrs)
-    earlier = None  # its curve joins the fit only when it is the same model's single stage
+    return History(pt=PretrainAreas(s1=float(s1[-1]), s2=float(s2[-1])), final_lr=lrs[-1],
+                   earlier=_earlier_run(stages, grown), earlier_lrs=lrs)
+
+
+def _earlier_run(stages: list, grown: bool) -> Run | None:
+    """The earlier stage's run, whose curve joins the fit only when it is the same model's
+    single stage."""
     if len(stages) == 1 and not grown and stages[0][0].logging.tensorboard_dir:
         tb = Path(stages[0][0].logging.tensorboard_dir)
         if _events_in(tb):
-            earlier = Run(path=tb, tensorboard=tb, recipe=stages[0][0], scalars=read_scalars(tb))
-    return History(pt=PretrainAreas(s1=float(s1[-1]), s2=float(s2[-1])), final_lr=lrs[-1],
-                   earlier=earlier, earlier_lrs=lrs)
+            return Run(path=tb, tensorboard=tb, recipe=stages[0][0], scalars=read_scalars(tb))
+    return None
 
 
 def loss_curve(points: list[tuple[int, float]], lrs: list[float],

@@ -40,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _jobs(pipe) -> list:
+    """The stages as jobs: a sweep's members each on their own, side by side (each waits only
+    for the sweep's source; engine.pipeline.sweep)."""
+    from engine.pipeline.sweep import members
+
+    return [m for s in pipe.stages for m in (members(s) if s.kind == "sweep" else [s])]
+
+
 def submit(file: str, extra: list[str], dry_run: bool) -> list[str]:
     """Submit each stage that is not done; a stage waits (afterok) for its source's job.
     Returns the job ids (placeholders in a dry run)."""
@@ -49,7 +57,7 @@ def submit(file: str, extra: list[str], dry_run: bool) -> list[str]:
     root = os.environ.get("ENGINE_ROOT") or str(SLURM_SCRIPT.parents[2])
     env = {**os.environ, "ENGINE_ROOT": root}
     jobs: dict[str, str] = {}
-    for stage in pipe.stages:
+    for stage in _jobs(pipe):
         if done(pipe, stage):
             print(f"# {stage.name}: done")
             continue
@@ -57,7 +65,7 @@ def submit(file: str, extra: list[str], dry_run: bool) -> list[str]:
         # --kill-on-invalid-dep: a failed stage cancels the jobs waiting on it (else they pend
         # for ever with Reason=DependencyNeverSatisfied)
         command = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes",
-                   f"--job-name={pipe.name}-{stage.name}",
+                   f"--job-name={pipe.name}-{stage.name.replace('/', '-')}",
                    f"--output={d}/slurm-%j.out", *extra]
         if stage.source in jobs:  # baselines need only their source: they run side by side
             command.append(f"--dependency=afterok:{jobs[stage.source]}")
@@ -93,9 +101,15 @@ def pipeline_main(argv: list[str]) -> int:
     pipe = load_pipeline(args.file)
     if args.command == "recipe":
         from engine.pipeline.stages import plan
+        from engine.pipeline.sweep import member
 
-        stage = pipe.stage(args.stage)
+        stage = member(pipe, args.stage)  # a stage, or a sweep's member: <sweep>/<label>
         if stage.kind == "train":
+            if "/" in stage.name:  # what a member must log (engine.pipeline.sweep)
+                from engine.pipeline.stages import stage_recipe
+                from engine.pipeline.sweep import check_member_recipe
+
+                check_member_recipe(stage_recipe(pipe, stage), f"{pipe.name}: stage {stage.name}")
             print(plan(pipe, stage).recipe)
         return 0
     if args.command == "run":

@@ -11,13 +11,19 @@ stages:
   - {name: grow, kind: scale_up, source: pretrain, args: {hidden_size: 256, num_layers: 4}}
   - {name: cpt, kind: train, source: grow}                      # weights of `grow`
   - {name: cpt_random, kind: train, source: grow, init: random, baseline_for: cpt}
+  - {name: long, kind: train, source: cpt, keep_batch_tokens: true,   # 4x the sequence,
+     overrides: {data.seq_length: 1024, model.rotary_base: 500000}}   # 1/4 the samples
 ```
 
-A train stage with a `source` takes the source's model (its checkpoint's `model` section) and,
-unless `init: random`, its weights (`checkpoint.pretrained`). `baseline_for: S` marks a stage as
-a comparison for stage S (same tokens); the report puts them side by side. The `args` of the
+A train stage with a `source` takes the source's model and tokenizer (its checkpoint's `model`
+and `tokenizer` sections: a model's vocabulary is its tokenizer's, which a `vocab` stage changes)
+and, unless `init: random`, its weights (`checkpoint.pretrained`); a train stage without one
+starts from the recipe's checkpoint.pretrained (e.g. an imported model; null = random init).
+`baseline_for: S` marks a stage as a comparison for stage S (same tokens); the report puts them
+side by side. The `args` of the
 other stages are their commands' options by field name (`engine upcycle scale-up --hidden-size`
-is `hidden_size`; engine.upcycle.commands, engine.convert.exporter/verify), checked on load.
+is `hidden_size`, `engine upcycle vocab --tokenizer` is `tokenizer`; engine.upcycle.commands,
+engine.convert.exporter/verify), checked on load.
 """
 
 from __future__ import annotations
@@ -33,8 +39,11 @@ import yaml
 
 from engine.config.errors import ConfigError
 from engine.options import check_known, options_from_dict
+from engine.pipeline.sweep import check_sweep
 
-KINDS = ("train", "scale_up", "scale_out", "export")
+KINDS = ("train", "scale_up", "scale_out", "vocab", "export", "sweep")
+TRAINING = ("train", "sweep")
+"""Kinds that train: a sweep is one train stage per value (engine.pipeline.sweep)."""
 INITS = ("pretrained", "random")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -44,7 +53,7 @@ class Stage:
     name: str
     """Directory name of the stage's outputs under the pipeline's `out`; letters, digits, -, _."""
     kind: str
-    """train | scale_up | scale_out | export."""
+    """train | scale_up | scale_out | vocab | export | sweep."""
     source: str | None = None
     """The earlier stage whose model this stage starts from (required except for a first train)."""
     init: str = "pretrained"
@@ -52,11 +61,20 @@ class Stage:
     overrides: Mapping = field(default_factory=dict)
     """train: dotted recipe overrides on top of the pipeline's, e.g. {train.steps: 200}."""
     args: Mapping = field(default_factory=dict)
-    """scale_up / scale_out / export: the command's options by name, e.g. {hidden_size: 256}."""
+    """scale_up / scale_out / vocab / export: the command's options by name, e.g.
+    {hidden_size: 256}."""
     nproc: int | None = None
     """train: processes (torchrun --nproc-per-node); default the pipeline's `nproc`."""
     baseline_for: str | None = None
     """Report this train stage as a baseline of that stage (trained on the same tokens)."""
+    keep_batch_tokens: bool = False
+    """train: a sequence-length stage keeps the tokens per optimizer step of the pipeline's
+    recipe: train.global_batch_size becomes its global_batch_size x seq_length divided by this
+    stage's data.seq_length (e.g. 64 x 256 -> 16 x 1024, as Llama 3's long-context stages
+    hold the batch in tokens). The stage must not set train.global_batch_size itself."""
+    sweep: Mapping = field(default_factory=dict)
+    """sweep: {key: a dotted recipe key, values: [...]}, one train stage per value
+    (engine.pipeline.sweep)."""
 
 
 @dataclass(frozen=True)
@@ -113,39 +131,47 @@ def _check_stage(stage: Stage, earlier: dict[str, Stage], where: str) -> None:
         raise ConfigError(f"{where}.kind: {stage.kind!r} is not one of {', '.join(KINDS)}")
     if stage.init not in INITS:
         raise ConfigError(f"{where}.init: {stage.init!r} is not one of {', '.join(INITS)}")
-    if stage.source is None and stage.kind != "train":
+    if stage.source is None and stage.kind not in TRAINING:
         raise ConfigError(f"{where}.source: a {stage.kind} stage needs the stage it starts from")
     if stage.source is not None and stage.source not in earlier:
         raise ConfigError(f"{where}.source: {stage.source!r} is not an earlier stage "
                           f"(earlier: {', '.join(earlier) or 'none'})")
-    if stage.source is not None and earlier[stage.source].kind == "export":
-        raise ConfigError(f"{where}.source: {stage.source!r} is an export (HF output)")
+    if stage.source is not None and earlier[stage.source].kind in ("export", "sweep"):
+        raise ConfigError(f"{where}.source: {stage.source!r} is a {earlier[stage.source].kind}"
+                          " stage (no single checkpoint to start from)")
     if stage.baseline_for is not None and stage.baseline_for not in earlier:
         raise ConfigError(f"{where}.baseline_for: {stage.baseline_for!r} is not an earlier stage")
-    if stage.kind == "train" and stage.args:
+    if stage.kind in TRAINING and stage.args:
         raise ConfigError(f"{where}.args: train stages take `overrides`, not `args`")
-    if stage.kind != "train" and (stage.overrides or stage.baseline_for):
-        raise ConfigError(f"{where}: `overrides`/`baseline_for` are for train stages only")
+    if stage.kind not in TRAINING and (stage.overrides or stage.baseline_for or
+                                       stage.keep_batch_tokens):
+        raise ConfigError(f"{where}: `overrides`/`baseline_for`/`keep_batch_tokens` are for "
+                          "train stages only")
+    if not isinstance(stage.keep_batch_tokens, bool):
+        raise ConfigError(f"{where}.keep_batch_tokens: expected true or false, got "
+                          f"{stage.keep_batch_tokens!r}")
     for key in ("overrides", "args"):
         if not isinstance(getattr(stage, key), Mapping):
             raise ConfigError(f"{where}.{key}: expected a mapping of option: value")
     if stage.nproc is not None and (not isinstance(stage.nproc, int) or stage.nproc < 1):
         raise ConfigError(f"{where}.nproc: expected a positive integer, got {stage.nproc!r}")
-    if stage.kind != "train":
+    check_sweep(stage, where)
+    if stage.kind not in TRAINING:
         stage_options(stage, f"{where}.args")
 
 
 def _options_classes() -> dict[str, tuple[type, ...]]:
     from engine.convert.exporter import ExportOptions
     from engine.convert.verify import VerifyOptions
-    from engine.upcycle.commands import ScaleOutOptions, ScaleUpOptions
+    from engine.upcycle.commands import ScaleOutOptions, ScaleUpOptions, VocabOptions
 
     return {"scale_up": (ScaleUpOptions,), "scale_out": (ScaleOutOptions,),
-            "export": (ExportOptions, VerifyOptions)}
+            "vocab": (VocabOptions,), "export": (ExportOptions, VerifyOptions)}
 
 
 def stage_options(stage: Stage, where: str):
-    """A non-train stage's `args` as its command's options: ScaleUpOptions, ScaleOutOptions, or
+    """A non-train stage's `args` as its command's options: ScaleUpOptions, ScaleOutOptions,
+    VocabOptions, or
     (ExportOptions, VerifyOptions) for an export (its keys split between the two commands)."""
     classes = _options_classes()[stage.kind]
     if len(classes) == 1:

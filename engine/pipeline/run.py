@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engine.pipeline.config import Pipeline, Stage
 from engine.pipeline.stages import done, plan, stale
+from engine.pipeline.sweep import member
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ def run_stage(pipe: Pipeline, stage: Stage) -> float:
 
 
 def run_pipeline(pipe: Pipeline, only: list[str] | None = None) -> None:
-    """Every stage (or those in `only`) in file order; done stages are skipped."""
-    stages = [pipe.stage(n) for n in only] if only else list(pipe.stages)
+    """Every stage (or those in `only`: stages or sweep members `<sweep>/<label>`) in file
+    order; done stages are skipped."""
+    stages = [member(pipe, n) for n in only] if only else list(pipe.stages)
     for i, stage in enumerate(stages, 1):
         head = f"[{i}/{len(stages)}] {stage.name} ({stage.kind})"
         if done(pipe, stage):

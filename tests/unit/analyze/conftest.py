@@ -36,14 +36,18 @@ def write_recipe(path: Path, overrides: dict) -> Path:
     return path
 
 
-def write_checkpoint(save: Path, step: int, recipe_yaml: Path, earlier_steps: list[int]) -> Path:
-    """The files of a checkpoint the analyses read (no weights)."""
+def write_checkpoint(save: Path, step: int, recipe_yaml: Path, earlier_steps: list[int],
+                     records: list[dict] | None = None) -> Path:
+    """The files of a checkpoint the analyses read (no weights); `records`: the earlier
+    stages' learning-rate records (engine.train.lr_record)."""
     ckpt = save / f"iter_{step:07d}"
     ckpt.mkdir(parents=True)
     (ckpt / "metadata.json").write_text("{}")
     (ckpt / "recipe.yaml").write_text(recipe_yaml.read_text())
     stages = [{"stage": f"s{i}", "steps": s, "tokens": 0, "source_tokens": {}}
               for i, s in enumerate(earlier_steps)]
+    for stage, record in zip(stages, records or [], strict=False):
+        stage["lr"] = record
     (ckpt / "train_state.json").write_text(json.dumps({
         "step": step, "consumed_samples": 0, "consumed_tokens": 0, "schedule": {},
         "earlier_stages": stages}))

@@ -95,3 +95,66 @@ def test_upcycle_and_export_commands(tmp_path):
     assert export[3:5] == ("convert", "engine-to-hf") and export[-2:] == ("--dtype", "fp32")
     assert verify[3:5] == ("convert", "verify") and verify[-2:] == ("--rtol", "0.0001")
     assert f"{tmp_path}/cpt/checkpoints" in verify
+
+
+def _seq_pipeline(tmp_path, recipe_train: dict, **long_stage):
+    recipe = {"model": {"num_layers": 2, "hidden_size": 8, "ffn_hidden_size": 16,
+                        "num_attention_heads": 2, "vocab_size": 64,
+                        "max_position_embeddings": 1024},
+              "data": {"synthetic": True, "seq_length": 64}, "train": recipe_train}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return pipeline_from_dict({"name": "p", "out": str(tmp_path / "out"),
+                               "recipe": str(tmp_path / "r.yaml"), "stages": [
+                                   {"name": "short", "kind": "train"},
+                                   {"name": "long", "kind": "train", **long_stage}]}, "p.yaml")
+
+
+def test_keep_batch_tokens_scales_the_global_batch_with_the_sequence(tmp_path):
+    from engine.pipeline.stages import stage_recipe
+
+    pipe = _seq_pipeline(tmp_path, {"global_batch_size": 16, "micro_batch_size": 2},
+                         keep_batch_tokens=True, overrides={"data.seq_length": 256})
+    short, long_ = (stage_recipe(pipe, s) for s in pipe.stages)
+    assert (short.data.seq_length, short.train.global_batch_size) == (64, 16)
+    assert (long_.data.seq_length, long_.train.global_batch_size) == (256, 4)
+    assert long_.train.micro_batch_size == 2
+    # without the flag the stage keeps the samples per step (4x the tokens)
+    plain = _seq_pipeline(tmp_path, {"global_batch_size": 16},
+                          overrides={"data.seq_length": 256})
+    assert stage_recipe(plain, plain.stage("long")).train.global_batch_size == 16
+
+
+@pytest.mark.parametrize("train, stage, message", [
+    ({"global_batch_size": 16}, {"overrides": {"data.seq_length": 384}},
+     "keep_batch_tokens: train.global_batch_size x data.seq_length = 16 x 64 = 1024 tokens is "
+     "not a multiple of the stage's data.seq_length=384"),
+    ({"global_batch_size": 16}, {"overrides": {"data.seq_length": 256,
+                                               "train": {"global_batch_size": 8}}},
+     "keep_batch_tokens and an override of train.global_batch_size: set one of them"),
+    ({}, {"overrides": {"data.seq_length": 256}},
+     "keep_batch_tokens needs train.global_batch_size in the pipeline's recipe"),
+])
+def test_keep_batch_tokens_errors_are_one_line(tmp_path, train, stage, message):
+    from engine.pipeline.stages import stage_recipe
+
+    pipe = _seq_pipeline(tmp_path, train, keep_batch_tokens=True, **stage)
+    with pytest.raises(ConfigError) as err:
+        stage_recipe(pipe, pipe.stage("long"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_keep_batch_tokens_is_for_train_stages():
+    with pytest.raises(ConfigError, match="are for train stages only"):
+        pipeline_from_dict(_with(stage=(1, {"keep_batch_tokens": True})), "p.yaml")
+
+
+def test_the_long_context_pipeline_loads():
+    from pathlib import Path
+
+    from engine.pipeline.stages import batch_for_seq_length
+
+    root = Path(__file__).resolve().parents[3]
+    pipe = load_pipeline(root / "configs" / "pipelines" / "long-context-tiny.yaml")
+    long_ = pipe.stage("long")
+    assert long_.keep_batch_tokens and long_.overrides["data.seq_length"] == 1024
+    assert batch_for_seq_length(8, 256, 1024, "x") == 2  # tiny-cpu's 8 x 256 tokens per step
