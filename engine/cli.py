@@ -30,9 +30,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.convert import ConvertError
     from engine.data import DataError
     from engine.models.vocab import VocabError
+    from engine.train.step import NonFiniteError
     from engine.upcycle import UpcycleError
 
-    return ConfigError, DataError, CheckpointError, ConvertError, UpcycleError, VocabError
+    return (ConfigError, DataError, CheckpointError, ConvertError, UpcycleError, VocabError,
+            NonFiniteError)
 
 
 def train_main(argv: list[str]) -> int:
@@ -120,9 +122,12 @@ COMMANDS = {
     "convert": (_lazy("engine.convert.cli", "convert_main"),
                 "HF import (hf-to-engine), export (engine-to-hf) and verify"),
     "upcycle": (_lazy("engine.upcycle.cli", "upcycle_main"),
-                "EfficientScale: scale-up (grow a dense model), scale-out (dense -> MoE)"),
+                "EfficientScale: scale-up (grow a dense model), scale-out (dense -> MoE); "
+                "vocab (resize for an extended tokenizer)"),
     "eval": (_lazy("engine.eval.cli", "eval_main"),
              "lm-evaluation-harness tasks on a checkpoint at any TP/PP layout"),
+    "bpc": (_lazy("engine.eval.bpc", "bpc_main"),
+            "bits per character of text under a checkpoint (comparable across tokenizers)"),
     "generate": (_lazy("engine.eval.cli", "generate_main"),
                  "continue a prompt with a checkpoint (greedy or top-p)"),
     "tasks": (_lazy("engine.eval.cli", "tasks_main"),

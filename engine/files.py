@@ -48,3 +48,19 @@ def new_directory(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why nothing can be written at `path` (a directory to fill or to make), or None when it
+    can: its nearest existing ancestor must be a directory this process may create entries in.
+    `os.access` asks the kernel, so a read-only filesystem counts even for root, whom file modes
+    do not stop."""
+    path = Path(os.path.abspath(path))
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"not writable ({existing} is a file, not a directory)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        return (f"not writable ({existing}: "
+                f"{'a read-only filesystem' if read_only else 'no write permission'})")
+    return None

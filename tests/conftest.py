@@ -318,3 +318,28 @@ def eval_models(hf_recipe, tmp_path_factory):
                           progress=False).path
         out[kind] = (result.checkpoint, hf)
     return out
+
+
+@pytest.fixture(scope="session")
+def short_docs(tiny_data):
+    """Packed short documents for document masking: the held-out stdlib text cut into pieces of
+    1-4 lines (each its own document, ending in eod), preprocessed with the tiny tokenizer; a
+    32-token sample then mostly holds two or more documents. {"prefix", "tokenizer"}."""
+    import random
+
+    from engine.data.preprocess import preprocess
+
+    rng = random.Random(0)
+    docs = []
+    for line in (tiny_data["dir"] / "code-valid.jsonl").read_text().splitlines():
+        lines = [x for x in json.loads(line)["text"].split("\n") if x.strip()]
+        while lines and len(docs) < 400:
+            n = rng.randint(1, 4)
+            docs.append("\n".join(lines[:n]))
+            lines = lines[n:]
+    out = tiny_data["dir"] / "short-docs"
+    out.mkdir(exist_ok=True)
+    (out / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    preprocess([str(out / "docs.jsonl")], str(out / "docs"), ("sentencepiece",
+               tiny_data["tokenizer"]), progress=False)
+    return {"prefix": str(out / "docs"), "tokenizer": tiny_data["tokenizer"]}

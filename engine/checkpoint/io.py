@@ -6,8 +6,11 @@ Layout of `checkpoint.save` (Megatron-LM's names, so its tools recognise it):
         recipe.yaml, train_state.json   the recipe and the step beside the weights
     <save>/latest_checkpointed_iteration.txt   the tracker: written last, atomically
 
-A checkpoint is written into `iter_XXXXXXX.partial`, renamed when every rank has finished, and
-only then named by the tracker: a crash mid-save leaves the previous checkpoint as the latest.
+A checkpoint is written into `iter_XXXXXXX.partial`, gets its manifest (every file's size and
+CRC-32, engine.checkpoint.integrity), is renamed when every rank has finished, and only then
+named by the tracker: a crash mid-save leaves the previous checkpoint as the latest, a save that
+fails (a full disk) is one line and leaves the tracker alone, and a resume verifies the manifest
+(`intact_checkpoint`, with checkpoint.fallback the newest intact earlier one).
 Tensors are stored sharded by their global shape (ShardedTensor), so a checkpoint saved at one
 TP/PP/DP layout loads at another. Everything read back goes through `torch.load(weights_only=True)`
 (megatron-core's default on torch >= 2.6) or JSON. The train state is `state.py`, the layout
@@ -26,8 +29,17 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint.errors import CheckpointError
+from engine.checkpoint.integrity import (
+    checkpoint_files,
+    damage,
+    describe,
+    read_manifest,
+    saved_steps,
+    write_manifest,
+)
 from engine.checkpoint.layout import SavedLayout, check_optimizer_compatible, read_saved_layout
 from engine.checkpoint.rng import restore_rng, rng_layout, rng_object
+from engine.checkpoint.shapes import check_model_shapes
 from engine.checkpoint.state import TrainState, read_train_state
 from engine.config.loader import recipe_to_yaml
 from engine.config.recipe import Recipe
@@ -80,11 +92,14 @@ def save_checkpoint(
     layout: SavedLayout,
     recipe: Recipe,
     keep_last: int | None = None,
+    extra=None,
 ) -> Path:
     """Save model, optimizer (None: none), RNG and `state` as step `state.step`, with `recipe`
-    beside the weights; every rank calls this."""
+    beside the weights; every rank calls this. `extra(model_sharded)` returns more top-level
+    entries built on the model's sharded state dict (engine.train.mer's anchor)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     root = Path(root)
     final = _iter_dir(root, state.step)
@@ -102,11 +117,29 @@ def save_checkpoint(
         )
     sharded["rng_state"] = rng_object(*rng_layout())
     sharded["train_state"] = asdict(state)
-    dist_checkpointing.save(sharded, str(partial), content_metadata={"layout": asdict(layout)})
-    dist.barrier()
+    if extra is not None:
+        sharded.update(extra(sharded["model"]))
+    try:
+        dist_checkpointing.save(sharded, str(partial),
+                                content_metadata={"layout": asdict(layout)})
+        dist.barrier()
+        if rank0:
+            write_atomic(partial / "recipe.yaml", recipe_to_yaml(recipe))
+            write_atomic(partial / "train_state.json", json.dumps(asdict(state), indent=1))
+        dist.barrier()
+        _write_manifest(partial)
+    # a full disk, a quota, a vanished directory; megatron and torch raise many types, torch's
+    # CheckpointException is a BaseException
+    except (Exception, CheckpointException) as e:
+        if rank0:
+            shutil.rmtree(partial, ignore_errors=True)
+        cause = _root_cause(e)
+        raise CheckpointError(
+            f"{root}: saving step {state.step} failed ({type(cause).__name__}: "
+            f"{' '.join(str(cause).split())[:160]}; {_free_space(root)}); the tracker and the "
+            "checkpoints before it are unchanged") from None
+    _pause_for_tests()
     if rank0:
-        write_atomic(partial / "recipe.yaml", recipe_to_yaml(recipe))
-        write_atomic(partial / "train_state.json", json.dumps(asdict(state), indent=1))
         if final.exists():  # re-saving a step (e.g. after a crash before the tracker moved)
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -114,6 +147,119 @@ def save_checkpoint(
         apply_retention(root, keep_last, keep=final)
     dist.barrier()
     return final
+
+
+def _free_space(root: Path) -> str:
+    """How full the save's file system is: a full disk shows up in torch's writer as a torn
+    file ('unexpected pos'), not as ENOSPC."""
+    try:
+        usage = shutil.disk_usage(root)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**20:,.1f} MiB free of {usage.total / 2**20:,.1f} MiB"
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first OSError (a full disk, a quota) behind a save's error, else the first failure
+    torch's CheckpointException recorded, else the error itself."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+            todo += [x for f in failures.values() if isinstance(f, tuple) for x in f
+                     if isinstance(x, BaseException)]
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return error
+
+
+SAVE_PAUSE_ENV = "ENGINE_FAULT_SAVE_PAUSE"
+"""Seconds to wait after every file of a save is written, before the rename and the tracker:
+the window in which tests/chaos.py kills a save that is all but done."""
+
+
+def _pause_for_tests() -> None:
+    import time
+
+    pause = float(os.environ.get(SAVE_PAUSE_ENV) or 0)
+    if pause > 0:
+        log.info("pausing %.1f s before the tracker (%s)", pause, SAVE_PAUSE_ENV)
+        time.sleep(pause)
+
+
+def _share(files: list[str]) -> list[str]:
+    """This rank's share of `files` (every rank checks or checksums a part)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return files
+    return files[dist.get_rank()::dist.get_world_size()]
+
+
+def _gather(value) -> list:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _write_manifest(partial: Path) -> None:
+    """Sizes and checksums of every file, the ranks sharing the work; rank 0 writes it."""
+    import torch.distributed as dist
+
+    described = describe(partial, _share(checkpoint_files(partial)))
+    entries = {k: v for part in _gather(described) for k, v in part.items()}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_manifest(partial, entries)
+
+
+def verify_checkpoint(ckpt: Path, *, checksums: bool = True) -> str | None:
+    """What is damaged in `ckpt` (one line), None when it is intact; every rank calls it and
+    checks a share of the files, and every rank gets the same answer."""
+    found = [d for d in _gather(damage(ckpt, _share(sorted(read_manifest(ckpt) or {})),
+                                       checksums=checksums)) if d]
+    return found[0] if found else None
+
+
+def intact_checkpoint(root: Path, *, fallback: bool, checksums: bool = True) -> Path | None:
+    """The checkpoint to resume from in save directory `root`: the tracker's when it is intact;
+    with `fallback`, else the newest intact earlier one (said in a warning); otherwise a damaged
+    latest checkpoint is a CheckpointError naming the file."""
+    try:
+        latest = find_checkpoint(root)
+    except CheckpointError as e:  # the tracker names a step that is not there
+        if not fallback:
+            raise
+        latest, problem = None, str(e)
+    else:
+        if latest is None:
+            return None
+        problem = verify_checkpoint(latest, checksums=checksums)
+        if problem is None:
+            return latest
+        if not fallback:
+            raise CheckpointError(f"{problem}; set checkpoint.fallback=true to resume from the "
+                                  "newest complete earlier checkpoint")
+    for candidate in saved_steps(Path(root)):
+        if candidate == latest:
+            continue
+        if verify_checkpoint(candidate, checksums=checksums) is None:
+            log.warning("%s; resuming from %s instead (checkpoint.fallback)", problem, candidate)
+            return candidate
+    raise CheckpointError(f"{problem}; and no earlier checkpoint in {root} is complete")
 
 
 def apply_retention(root: Path, keep_last: int | None, *, keep: Path) -> None:
@@ -131,6 +277,7 @@ def _load(sharded: dict, ckpt: Path) -> dict:
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
+    check_model_shapes(sharded.get("model", {}), ckpt)  # another model: one line, not a trace
     try:
         return dist_checkpointing.load(sharded, str(ckpt))
     except CheckpointError:
@@ -140,6 +287,13 @@ def _load(sharded: dict, ckpt: Path) -> dict:
     except (Exception, CheckpointException) as e:
         reason = " ".join(str(e).split())[:400]
         raise CheckpointError(f"{ckpt}: cannot load ({type(e).__name__}: {reason})") from e
+
+
+def load_extra(ckpt: Path, chunks, build) -> tuple[dict, dict]:
+    """(what `build(model_sharded)` declares, read from `ckpt`; the model's sharded state dict
+    it was built on): entries saved through save_checkpoint's `extra`; no weights are read."""
+    model = _model_sharded([_unwrap(c) for c in chunks])
+    return _load(build(model), ckpt), model
 
 
 def load_weights(ckpt: Path, chunks) -> None:
@@ -173,12 +327,12 @@ def load_checkpoint(
             sharded["model"], is_loading=True, metadata=fmt.optimizer_metadata()
         )
     rng_shape, rng_offset = rng_layout()
-    saved_rng_shape = (saved.pp, saved.tp, saved.dp) if saved else None
+    saved_rng_shape = (saved.pp, saved.tp, saved.dp * saved.cp) if saved else None
     if load_rng and saved_rng_shape == rng_shape:
         sharded["rng_state"] = rng_object(rng_shape, rng_offset)
     elif load_rng:
         log.warning(
-            "%s: RNG state saved at (pp, tp, dp)=%s, running at %s: not restored",
+            "%s: RNG state saved at (pp, tp, dp x cp)=%s, running at %s: not restored",
             ckpt,
             saved_rng_shape,
             rng_shape,

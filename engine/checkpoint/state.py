@@ -35,11 +35,19 @@ class TrainState:
     """logging.stage of the run that saved this state."""
     earlier_stages: list = field(default_factory=list)
     """The stages before this one, oldest first, carried over checkpoint.pretrained: each
-    {"stage", "steps", "tokens", "source_tokens"}."""
+    {"stage", "steps", "tokens", "source_tokens"} and, when its lr_record was complete, "lr"
+    (that record: S1, S2, first, peak and final learning rate)."""
     origin: dict | None = None
     """Where this lineage's weights first came from, carried over every pretrained start and
     upcycle: {"hf": directory, "architecture": ..., "torch_dtype": ...} for an HF import; None
     for a model trained from random initialization."""
+    mixture: dict | None = None
+    """The data mixture being read (engine.train.mixture): {"signature": blend, replay, global
+    batch, seq_length; "start": the consumed_samples where it began; "offsets": samples read
+    per source before it}; None for synthetic data and older checkpoints."""
+    lr_record: dict = field(default_factory=dict)
+    """The learning rates this stage's updates used, summed (engine.train.lr_record): {"steps",
+    "s1", "s2", "m", "first", "final", "peak"}; complete only when its steps equal `step`."""
 
 
 def read_train_state(ckpt: Path) -> TrainState:
@@ -61,8 +69,11 @@ def completed_stages(ckpt: Path) -> list[dict]:
     stages = list(state.earlier_stages)
     if state.step > 0:
         tokens = sum(state.source_tokens.values()) or state.consumed_tokens
-        stages.append({"stage": state.stage, "steps": state.step, "tokens": tokens,
-                       "source_tokens": dict(state.source_tokens)})
+        entry = {"stage": state.stage, "steps": state.step, "tokens": tokens,
+                 "source_tokens": dict(state.source_tokens)}
+        if state.lr_record.get("steps") == state.step:  # complete: every update's LR in it
+            entry["lr"] = dict(state.lr_record)
+        stages.append(entry)
     return stages
 
 

@@ -33,7 +33,7 @@ from engine.checkpoint.state import TrainState, completed_stages, read_train_sta
 from engine.config.errors import ConfigError
 from engine.config.loader import recipe_from_dict
 from engine.config.recipe import ParallelConfig, Recipe
-from engine.files import new_directory
+from engine.files import new_directory, unwritable
 from engine.models.measure import next_token_loss
 from engine.models.vocab import VocabError, padded_vocab_size
 from engine.models.weights import EMBEDDING
@@ -156,11 +156,22 @@ def read_unsharded(ckpt_arg: str | os.PathLike) -> UnshardedModel:
                           path=ckpt)
 
 
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """One line naming `what` (e.g. `checkpoint.save=DIR`) when nothing can be written at
+    `path`: said at start, before any work, rather than at the first save."""
+    reason = unwritable(path)
+    if reason is not None:
+        raise CheckpointError(f"{what}: {reason}")
+
+
 def check_new_output(out: str | os.PathLike) -> Path:
-    """`out` as a Path, or one line when it already holds something (nothing is overwritten)."""
+    """`out` as a Path, or one line when it already holds something (nothing is overwritten) or
+    cannot be made (it is written as a sibling renamed into place: its parent must be
+    writable)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: already exists; choose a new output directory")
+    check_writable(out.parent, str(out))
     return out
 
 

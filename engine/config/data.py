@@ -74,6 +74,26 @@ class DataConfig:
     """Train on random tokens (benchmarks, smoke tests); the blend is then ignored."""
     replay: ReplayConfig | None = None
     """Replay of general data in every global batch, `{blend, fraction}`; null = none."""
+    override_on_resume: bool = False
+    """A resume whose blend, replay, global batch size or seq_length differ from the checkpoint's
+    stops in one line; true starts the new mixture at the resumed step, each source continuing
+    where it stopped (engine.train.mixture)."""
+    reset_attention_mask: bool = False
+    """Document masking of packed samples (megatron GPTDataset's reset_attention_mask): a token
+    attends only to earlier tokens of its own document, the documents being separated by the
+    tokenizer's end-of-document token. Samples then carry megatron's [1, s, s] attention mask;
+    the local spec's attention applies it (engine.models.cp_attention). With RoPE (every family
+    here) attention scores depend on i - j only, so this alone makes each document's positions
+    start at 0 as far as the model can tell: a packed document's losses equal its own."""
+    reset_position_ids: bool = False
+    """position_ids restart at 0 after every end-of-document token (megatron's
+    reset_position_ids). megatron-core applies RoPE by sequence index and reads position_ids only
+    for learned absolute position embeddings, so with RoPE this changes nothing by itself: use
+    reset_attention_mask for per-document positions."""
+    eod_mask_loss: bool = False
+    """No loss where the input is an end-of-document token (the prediction of the next
+    document's first token, which document masking leaves without context; megatron's
+    eod_mask_loss)."""
 
     def __post_init__(self):
         p = "data"
@@ -104,6 +124,11 @@ class DataConfig:
                 raise ConfigError(f"{p}.valid: name {v.name!r} appears {names.count(v.name)} times")
             if not v.path:
                 raise ConfigError(f"{p}.valid.{v.name}: expected a path prefix, got ''")
+        if self.synthetic:
+            for name in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss"):
+                if getattr(self, name):
+                    raise ConfigError(f"{p}.{name} needs documents with end-of-document tokens, "
+                                      f"but {p}.synthetic is true")
         at_least(f"{p}.seq_length", self.seq_length, 1)
         at_least(f"{p}.num_workers", self.num_workers, 0)
 

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import re
 import types
 import typing
@@ -203,6 +204,8 @@ def _coerce(ctx: _Context, key: str, tp: typing.Any, value: object, meta: Mappin
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, float) and not math.isfinite(value):  # YAML .nan / .inf
+            raise ctx.fail(key, f"{key}: expected a finite number, got {value}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):

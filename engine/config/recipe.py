@@ -21,6 +21,8 @@ from engine.config.data import (  # noqa: F401  (re-exported: one import path fo
     source_names,
 )
 from engine.config.errors import ConfigError
+from engine.config.freeze import FreezeConfig
+from engine.config.mer import MerConfig
 from engine.config.model import ModelConfig, MoEConfig, RopeScaling  # noqa: F401
 
 
@@ -38,8 +40,15 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel size (expert_model_parallel_size); must divide the data-parallel size."""
     cp: int = 1
-    """Context-parallel size (context_parallel_size); only 1 until context parallelism is
-    implemented (validation refuses more)."""
+    """Context-parallel size (context_parallel_size): each sample's sequence is split over cp
+    ranks in megatron's load-balanced 2*cp chunks (rank r holds chunks r and 2*cp-1-r), so
+    data.seq_length must be a multiple of 2*cp. TE attention on GPU; on the local spec
+    engine.models.cp_attention (keys and values all-gathered over the CP group)."""
+    cp_comm_type: str = "p2p"
+    """How Transformer Engine's attention exchanges keys and values under context parallelism
+    (megatron cp_comm_type): p2p (ring), all_gather, or a2a (Ulysses-style: attention heads
+    per tensor-parallel rank must be a multiple of cp). The local spec's CP attention always
+    all-gathers (same numbers)."""
     dp: int | None = None
     """Data-parallel size; null = world_size / (tp * pp * cp); when set, checked against it."""
     sequence_parallel: bool = False
@@ -75,6 +84,7 @@ class ParallelConfig:
         if self.overlap_param_gather and not self.overlap_grad_reduce:
             raise ConfigError(f"{p}.overlap_param_gather requires {p}.overlap_grad_reduce: true")
         one_of(f"{p}.backend", self.backend, ("auto", "gloo", "nccl"))
+        one_of(f"{p}.cp_comm_type", self.cp_comm_type, ("p2p", "all_gather", "a2a"))
 
 
 
@@ -197,6 +207,12 @@ class TrainConfig:
     it moves the learning rate of steps already taken) that differ from the checkpoint's: the new
     values apply from the resumed step on and the change is logged. false = such a resume stops
     with an error naming the changed keys."""
+    on_nonfinite: str = "stop"
+    """A step whose loss or gradient norm is NaN/Inf: stop (an error, before its update reaches
+    a checkpoint) or skip (no update for that step, counted and logged as
+    `train/skipped_steps`; its batch is consumed). Every rank decides alike (global values)."""
+    max_skips: int = 10
+    """With on_nonfinite=skip: stop once this many steps in a row were skipped."""
     recompute: str = "none"
     """Activation recomputation: none|selective (core attention)|full (whole layers)."""
     recompute_num_layers: int = 1
@@ -206,6 +222,12 @@ class TrainConfig:
     `steps`, so a later run resumes it (megatron's --exit-interval); null = run to `steps`."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """The learning-rate schedule."""
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    """Train only the embedding and output layer for the stage's first steps (after a vocabulary
+    extension), then everything (engine.config.freeze)."""
+    mer: MerConfig | None = None
+    """Replay with a Reptile step every k steps (engine.config.mer: Abbes et al. 2025); null =
+    off."""
 
     def __post_init__(self):
         p = "train"
@@ -220,6 +242,8 @@ class TrainConfig:
             one_of(f"{p}.fp8", self.fp8, ("hybrid", "e4m3"))
         one_of(f"{p}.fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
         one_of(f"{p}.recompute", self.recompute, ("none", "selective", "full"))
+        one_of(f"{p}.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        at_least(f"{p}.max_skips", self.max_skips, 1)
         s = self.schedule
         if s.warmup_steps > self.steps:
             raise ConfigError(
@@ -304,6 +328,12 @@ class CheckpointConfig:
     """How the distributed optimizer's state is saved (megatron-core's sharding types):
     dp_reshardable (every rank writes its shard; resumes at another data-parallel size only) or
     fully_reshardable (gathered per parameter on data-parallel rank 0; resumes at any TP/PP/DP)."""
+    fallback: bool = False
+    """When the latest checkpoint is damaged (a file missing, truncated or corrupted against its
+    manifest), resume from the newest intact earlier one instead of stopping."""
+    verify_checksums: bool = True
+    """On resume, check every file's CRC-32 against the manifest (the ranks share the reading);
+    false checks sizes only."""
 
     def __post_init__(self):
         p = "checkpoint"
@@ -334,6 +364,10 @@ class LoggingConfig:
     moe_collapse_intervals: int = 3
     """Warn when an expert gets under 1/(4 x num_experts) of its layer's tokens for this many
     consecutive log intervals (router collapse)."""
+    drift: bool = False
+    """At every evaluation, per-layer weight drift ||W_t - W_0|| / ||W_0|| from the stage's start
+    and the last step's update/weight ratio, as `drift/layer<i>/weight|update` (engine.train.drift).
+    Costs one copy of the parameters (kept, and saved in checkpoints) plus a transient one."""
 
     def __post_init__(self):
         at_least("logging.log_interval", self.log_interval, 1)

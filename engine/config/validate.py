@@ -102,10 +102,19 @@ def _check_sequence(recipe: Recipe) -> None:
     _require(seq <= model.max_position_embeddings or model.rotary_scaling is not None,
              f"data.seq_length={seq} exceeds model.max_position_embeddings="
              f"{model.max_position_embeddings} and model.rotary_scaling is not set")
-    # Nothing splits a batch per context-parallel rank yet and the CPU attention has no CP path
-    # (the long-context issue adds both): refuse it here rather than crash inside the model.
-    _require(par.cp == 1, f"parallel.cp={par.cp}: context parallelism is not implemented yet; "
-                          "use parallel.cp=1")
+    if par.cp > 1:
+        # megatron's load-balanced split: 2*cp equal chunks, rank r holds r and 2*cp-1-r
+        _require(seq % (2 * par.cp) == 0,
+                 f"data.seq_length={seq} must be divisible by 2*parallel.cp={2 * par.cp} "
+                 f"(the load-balanced split into 2*cp chunks; cp={par.cp})")
+        heads = model.num_attention_heads // par.tp
+        _require(par.cp_comm_type != "a2a" or heads % par.cp == 0,
+                 f"parallel.cp_comm_type=a2a: attention heads per tensor-parallel rank "
+                 f"{heads} (model.num_attention_heads={model.num_attention_heads} / parallel.tp="
+                 f"{par.tp}) must be divisible by parallel.cp={par.cp}")
+        _require(not recipe.eval.tasks,
+                 f"eval.tasks={list(recipe.eval.tasks)} with parallel.cp={par.cp}: the task "
+                 "probes run whole sequences (cp=1); run engine eval on the checkpoint instead")
     if par.sequence_parallel:
         per_cp_rank = seq // par.cp
         _require(per_cp_rank % par.tp == 0,
@@ -117,6 +126,19 @@ def _check_vocab(recipe: Recipe) -> None:
     if recipe.model.vocab_size is None:
         _require(recipe.tokenizer.type != "none",
                  "model.vocab_size is required when tokenizer.type is 'none'")
+    first_new, vocab = recipe.train.freeze.new_rows_from, recipe.model.vocab_size
+    _require(first_new is None or vocab is None or first_new < vocab,
+             f"train.freeze.new_rows_from={first_new} must be below model.vocab_size={vocab} "
+             "(the new rows are the ids from it on)")
+
+
+def _check_documents(recipe: Recipe) -> None:
+    data = recipe.data
+    for key in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss"):
+        # document boundaries are the tokenizer's end-of-document id
+        _require(not getattr(data, key) or recipe.tokenizer.type != "none",
+                 f"data.{key}=true needs the tokenizer's end-of-document id, but "
+                 "tokenizer.type is none")
 
 
 def _num_microbatches(recipe: Recipe, dp: int) -> tuple[int, int]:
@@ -186,6 +208,7 @@ def _layout(recipe: Recipe, world_size: int) -> Layout:
     _check_model_split(recipe)
     _check_sequence(recipe)
     _check_vocab(recipe)
+    _check_documents(recipe)
     gbs, num_microbatches = _num_microbatches(recipe, dp)
     _check_training(recipe)
     _check_replay(recipe, gbs)

@@ -58,8 +58,11 @@ class HFCheckpoint:
             return self._file_of
         from safetensors import safe_open
 
-        with safe_open(self._single, framework="pt") as f:
-            self._file_of = {k: self._single for k in f.keys()}
+        try:
+            with safe_open(self._single, framework="pt") as f:
+                self._file_of = {k: self._single for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ConvertError(f"{self._single}: unreadable safetensors file ({e})") from None
         return self._file_of
 
     def keys(self) -> list[str]:

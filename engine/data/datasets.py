@@ -1,9 +1,11 @@
 """Training and validation datasets: megatron-core GPTDatasets over `.bin/.idx` pairs, blended.
 
-Owns `build_datasets` (the weighted training blend plus one dataset per named validation set, built
-by megatron-core's BlendedMegatronDatasetBuilder so sample i is a pure function of the files, the
-seed, seq_length and the sample counts), the check that an `.idx/.bin` pair is sound
-(`inspect_indexed_dataset`) and the tokenizer-vs-model vocabulary check (`check_vocab`).
+Owns `build_sources` (one epoch of each training source, read epoch after epoch by
+engine.data.streams), `build_datasets` (a weighted blend sized by a sample count, megatron's way,
+plus one dataset per named validation set; built by megatron-core's BlendedMegatronDatasetBuilder
+so sample i is a pure function of the files, the seed, seq_length and the sample counts), the
+check that an `.idx/.bin` pair is sound (`inspect_indexed_dataset`) and the tokenizer-vs-model
+vocabulary check (`check_vocab`).
 Takes no process group: under torch.distributed megatron itself builds on rank 0 first, then the
 other ranks load its cached indices. Does not import models or training code.
 """
@@ -184,6 +186,63 @@ class _Builder(BlendedMegatronDatasetBuilder):
         )
 
 
+def _config(seed: int, seq_length: int, tok, cache_dir: str | None, blend_per_split: list, *,
+            full_validation: bool, reset_position_ids: bool, reset_attention_mask: bool,
+            eod_mask_loss: bool) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend_per_split=blend_per_split,
+        multiple_validation_sets=True,
+        full_validation=full_validation,
+        path_to_cache=cache_dir,
+        tokenizer=tok,
+        # Packed documents, separated at eod when asked (recipe data.reset_attention_mask, ...):
+        # then each sample carries megatron's [1, s, s] mask (True = masked); without it the
+        # model builds its own causal mask.
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=reset_attention_mask,
+    )
+
+
+def _tokenizer(tokenizer: Tokenizer | tuple[str, str] | None):
+    if tokenizer is None:
+        return _Pretokenized()
+    return tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(*tokenizer)
+
+
+def build_sources(
+    prefixes: list[str],
+    *,
+    tokenizer: Tokenizer | tuple[str, str] | None,
+    seq_length: int,
+    seed: int,
+    data_cache_dir: str | None = None,
+    is_built_on_rank: Callable[[], bool] = _always,
+    reset_attention_mask: bool = False,
+    reset_position_ids: bool = False,
+    eod_mask_loss: bool = False,
+) -> list[torch.utils.data.Dataset | None]:
+    """One megatron GPTDataset per prefix holding exactly one epoch of it (the training
+    sources of engine.data.streams, which read them epoch after epoch); built like
+    `build_datasets` (rank 0 first, index caches beside each file or in `data_cache_dir`)."""
+    tok = _tokenizer(tokenizer)
+    out = []
+    for prefix in prefixes:
+        if is_built_on_rank():
+            info = inspect_indexed_dataset(prefix)
+            _check_fits(info, tok, seq_length)
+            logger.info("dataset %s: %d documents, %d tokens", prefix, info.documents, info.tokens)
+        config = _config(seed, seq_length, tok, data_cache_dir, [([prefix], None), None, None],
+                         full_validation=False, reset_position_ids=reset_position_ids,
+                         reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss)
+        train, _, _ = _Builder(GPTDataset, [None, None, None], is_built_on_rank, config).build()
+        out.append(train)
+    return out
+
+
 def build_datasets(
     *,
     blend: list[tuple[str, float]],
@@ -195,6 +254,9 @@ def build_datasets(
     valid_samples: int | None,
     data_cache_dir: str | None = None,
     is_built_on_rank: Callable[[], bool] = _always,
+    reset_attention_mask: bool = False,
+    reset_position_ids: bool = False,
+    eod_mask_loss: bool = False,
 ) -> tuple[torch.utils.data.Dataset | None, dict[str, torch.utils.data.Dataset | None]]:
     """The training blend (at least `train_samples` samples) and one dataset per validation set.
 
@@ -204,16 +266,15 @@ def build_datasets(
     (repeating the file when it is shorter). The order of samples depends on `train_samples`
     too: keep it fixed across resumptions (it sizes each dataset's epochs and shuffles).
     `tokenizer=None` is for data tokenized elsewhere: no check of token ids against a vocabulary.
+    reset_attention_mask, reset_position_ids, eod_mask_loss: megatron's document masking (the
+    recipe's data keys); with reset_attention_mask items also hold `attention_mask` [1, s, s].
 
     Call on every rank: under torch.distributed megatron builds the indices on rank 0, writes
     them to `data_cache_dir` (None: `<prefix>/cache/GPTDataset_indices/` beside each file), then
     the other ranks read them, so the directory must be shared by all nodes. Ranks where
     `is_built_on_rank()` is False get None datasets.
     """
-    if tokenizer is None:
-        tok = _Pretokenized()
-    else:
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(*tokenizer)
+    tok = _tokenizer(tokenizer)
     prefixes, weights = check_blend(blend)
     if train_samples < 1:
         raise DataError(f"train_samples={train_samples}: expected at least 1")
@@ -224,28 +285,39 @@ def build_datasets(
             info = inspect_indexed_dataset(prefix)
             _check_fits(info, tok, seq_length)
             logger.info("dataset %s: %d documents, %d tokens", prefix, info.documents, info.tokens)
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend_per_split=[
-            (prefixes, weights),
-            (list(valid.values()), None) if valid else None,
-            None,
-        ],
-        multiple_validation_sets=True,
-        full_validation=valid_samples is None,
-        path_to_cache=data_cache_dir,
-        tokenizer=tok,
-        # The model builds its own causal mask; documents are packed across eod without resets.
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
+    config = _config(
+        seed, seq_length, tok, data_cache_dir,
+        [(prefixes, weights), (list(valid.values()), None) if valid else None, None],
+        full_validation=valid_samples is None, reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss)
     sizes = [train_samples, valid_samples if valid else None, None]
     train, valid_built, _ = _Builder(GPTDataset, sizes, is_built_on_rank, config).build()
+    return train, _named(valid, valid_built)
+
+
+def _named(valid: dict[str, str], built) -> dict:
     if len(valid) == 1:
-        valid_built = [valid_built]  # megatron returns a lone dataset, not a list, for one prefix
-    elif valid_built is None:
-        valid_built = [None] * len(valid)
-    return train, dict(zip(valid, valid_built, strict=True))
+        built = [built]  # megatron returns a lone dataset, not a list, for one prefix
+    elif built is None:
+        built = [None] * len(valid)
+    return dict(zip(valid, built, strict=True))
+
+
+def build_valid_sets(valid: dict[str, str], *, tokenizer, seq_length: int, seed: int,
+                     valid_samples: int | None, data_cache_dir: str | None = None,
+                     is_built_on_rank: Callable[[], bool] = _always,
+                     reset_attention_mask: bool = False, reset_position_ids: bool = False,
+                     eod_mask_loss: bool = False) -> dict:
+    """The validation sets of `build_datasets` without a training blend."""
+    tok = _tokenizer(tokenizer)
+    if is_built_on_rank():
+        for prefix in dict.fromkeys(valid.values()):
+            _check_fits(inspect_indexed_dataset(prefix), tok, seq_length)
+    config = _config(seed, seq_length, tok, data_cache_dir,
+                     [None, (list(valid.values()), None), None],
+                     full_validation=valid_samples is None,
+                     reset_position_ids=reset_position_ids,
+                     reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss)
+    _, built, _ = _Builder(GPTDataset, [None, valid_samples, None], is_built_on_rank,
+                           config).build()
+    return _named(valid, built)

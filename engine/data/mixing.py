@@ -9,9 +9,10 @@ data-parallel ranks (Bresenham's line). Batch k then takes domain samples
 [k (G-r), (k+1) (G-r)) and replay samples [k r, (k+1) r) in order, so a position's sample
 depends only on (i, G, r): never on TP/PP/DP, and a resumed run continues exactly.
 
-Sources are numbered domain blend first, then replay blend, in recipe order; a megatron
-`BlendedDataset` says which of its datasets each sample comes from (`dataset_index`), any other
-dataset is one source. Token accounting counts samples per source without reading any tokens.
+Sources are numbered domain blend first, then replay blend, in recipe order; a blend says which
+of its sources each sample comes from (engine.data.streams.Blend `source_ids`, megatron
+`BlendedDataset` `dataset_index`), any other dataset is one source. Token accounting counts
+samples per source without reading any tokens.
 Imports numpy only (datasets are duck-typed), no torch.distributed, no training code.
 """
 
@@ -29,6 +30,8 @@ def replay_positions(global_batch_size: int, replay_per_batch: int) -> np.ndarra
 
 def _source_ids(dataset, indices: np.ndarray) -> np.ndarray:
     """Which of a dataset's own sources each sample comes from (0 unless it is a blend)."""
+    if hasattr(dataset, "source_ids"):  # engine.data.streams.Blend
+        return np.asarray(dataset.source_ids(indices), dtype=np.int64)
     index = getattr(dataset, "dataset_index", None)  # megatron BlendedDataset
     if index is None:
         return np.zeros(len(indices), dtype=np.int64)
@@ -42,7 +45,9 @@ class TrainingMix:
     them in source order."""
 
     def __init__(self, domain, names: tuple[str, ...], *, num_domain_sources: int,
-                 global_batch_size: int, replay=None, replay_per_batch: int = 0):
+                 global_batch_size: int, replay=None, replay_per_batch: int = 0, start: int = 0):
+        """`start`: the index of the mix's first sample (the consumed_samples at which this
+        mixture began, engine.train.mixture); index i reads position i - start."""
         if (replay is None) != (replay_per_batch == 0):
             raise ValueError("replay and replay_per_batch > 0 go together")
         if not 0 <= replay_per_batch < global_batch_size:
@@ -51,6 +56,7 @@ class TrainingMix:
         self.domain, self.replay, self.names = domain, replay, tuple(names)
         self.num_domain_sources = num_domain_sources
         self.global_batch_size, self.replay_per_batch = global_batch_size, replay_per_batch
+        self.start = start
 
     def __len__(self) -> int:
         if self.replay is None:
@@ -60,7 +66,10 @@ class TrainingMix:
 
     def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(is replay, index into the domain or the replay dataset) of each mix index."""
-        indices = np.asarray(indices, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64) - self.start
+        if indices.size and indices.min() < 0:
+            raise IndexError(f"sample {indices.min() + self.start} is before this mixture's "
+                             f"start {self.start}")
         if self.replay is None:
             return np.zeros(len(indices), dtype=bool), indices
         g, r = self.global_batch_size, self.replay_per_batch

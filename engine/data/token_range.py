@@ -9,7 +9,9 @@ The maximum is cached in `<prefix>.maxid.json`, keyed by the `.bin`'s size and m
 writes it, and a missing or stale one is recomputed from the `.bin` (a numpy memmap read in
 chunks, so memory stays flat) and rewritten when the directory is writable. The `.idx` header is
 read here (9-byte magic, u64 version, u8 dtype code) rather than through megatron-core, whose
-import costs seconds: this module imports only numpy and the engine's file helpers.
+import costs seconds: this module imports only numpy and the engine's file helpers
+(`check_token_range`, run at training start where megatron-core is loaded anyway, first checks
+each pair with engine.data.datasets' `inspect_indexed_dataset`).
 """
 
 from __future__ import annotations
@@ -108,8 +110,13 @@ def max_token_id(prefix: str | os.PathLike) -> int:
 
 def check_token_range(prefixes, vocab_size: int) -> None:
     """Raise a one-line DataError when a dataset holds a token id >= `vocab_size` (the
-    tokenizer's vocabulary, which the model's embedding rows must cover)."""
+    tokenizer's vocabulary, which the model's embedding rows must cover). Each pair's index is
+    checked first, so a corrupt or empty dataset gets its own line and no cached maximum."""
+    from engine.data.datasets import inspect_indexed_dataset  # imports megatron-core: only here
+
     for prefix in prefixes:
+        if inspect_indexed_dataset(prefix).tokens == 0:
+            continue  # no ids; building the datasets refuses it (too few tokens)
         max_id = max_token_id(prefix)
         if max_id >= vocab_size:
             raise DataError(f"{prefix}.bin: token id {max_id} >= model.vocab_size={vocab_size} "

@@ -68,6 +68,8 @@ def transformer_config(recipe: Recipe, layout: Layout, *, on_cpu: bool, gloo: bo
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         context_parallel_size=layout.cp,
+        # TE's exchange of keys and values (the local spec's CP attention all-gathers)
+        cp_comm_type=par.cp_comm_type if layout.cp > 1 else None,
         expert_model_parallel_size=layout.ep,
         sequence_parallel=par.sequence_parallel,
         params_dtype=dtype,
@@ -148,6 +150,7 @@ def build_model(recipe: Recipe, tc, *, padded_vocab_size: int,
 
         set_attention_factor(tc, m)
     fused = m.fused_kernels and spec == "local"
+    masked = recipe.data.reset_attention_mask and spec == "local"
     model_class, building = GPTModel, contextlib.nullcontext()
     if fused:
         from engine.kernels.modules import FusedLossGPTModel, quiet_mlp_type_warning
@@ -162,7 +165,8 @@ def build_model(recipe: Recipe, tc, *, padded_vocab_size: int,
             chunks.append(
                 model_class(
                     config=tc,
-                    transformer_layer_spec=decoder_block_spec(tc, spec, vp, fused=fused),
+                    transformer_layer_spec=decoder_block_spec(tc, spec, vp, fused=fused,
+                                                              masked=masked),
                     vocab_size=padded_vocab_size,
                     max_sequence_length=m.max_position_embeddings,
                     pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),

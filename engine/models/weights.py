@@ -211,3 +211,28 @@ def qwen2_moe_weights() -> tuple[WeightMap, ...]:
         WeightMap((f"{moe}.shared_expert_gate.weight",), _layer(f"{SHARED_EXPERT}.gate_weight"),
                   layers="moe", when="shared_expert_gate"),
     )
+
+
+# Random initialization (engine.models.initialize), by the end of a tensor's checkpoint key (the
+# `sharded_state_dict` key: norms appear there as TE's `layer_norm_weight`); first match wins.
+# megatron-core 0.16.1's defaults (TransformerConfig.init_method, output_layer_init_method):
+# "normal": N(0, init_method_std); "scaled": N(0, init_method_std / sqrt(2 num_layers)), the
+# projections back into the residual stream (GPT-2's scaled residual init); "vocab": "normal" on
+# the tokenizer's rows, zero padding rows (engine.models.vocab); "ones", "zeros".
+INIT_RULES: tuple[tuple[str, str], ...] = (
+    (EMBEDDING, "vocab"), (OUTPUT, "vocab"),
+    ("layer_norm_weight", "ones"), ("layernorm.weight", "ones"),
+    ("router.weight", "normal"), ("router.bias", "normal"),  # megatron's TopKRouter
+    (".bias", "zeros"), ("layer_norm_bias", "zeros"),
+    ("linear_proj.weight", "scaled"), ("linear_fc2.weight", "scaled"),
+    ("linear_qkv.weight", "normal"), ("linear_fc1.weight", "normal"),
+    ("shared_experts.gate_weight", "normal"), ("position_embeddings.weight", "normal"),
+)
+
+
+def init_rule(key: str) -> str:
+    """How random init draws the tensor with checkpoint key `key` (INIT_RULES)."""
+    for suffix, kind in INIT_RULES:
+        if key.endswith(suffix):
+            return kind
+    raise KeyError(f"'{key}': no random-init rule (engine.models.weights INIT_RULES)")

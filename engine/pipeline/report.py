@@ -140,10 +140,20 @@ def _ancestry_flops(pipe: Pipeline, curve: Curve, curves: dict[str, Curve]) -> f
                for s in ancestry(pipe, curve.stage)[:-1] if s.name in curves)
 
 
+def _tokenizer(pipe: Pipeline, name: str):
+    from engine.config.loader import read_recipe_yaml
+
+    return read_recipe_yaml(pipe.stage_dir(name) / "recipe.yaml").get("tokenizer")
+
+
 def comparisons(pipe: Pipeline, curves: dict[str, Curve]) -> list[Comparison]:
+    """Each stage against its baselines, per validation set; pairs on different tokenizers (a
+    vocab stage between them) are left out: their per-token losses count different tokens."""
     out = []
     for b in pipe.stages:
         if b.baseline_for is None or b.name not in curves or b.baseline_for not in curves:
+            continue
+        if _tokenizer(pipe, b.name) != _tokenizer(pipe, b.baseline_for):
             continue
         base, main = curves[b.name], curves[b.baseline_for]
         anc_flops = _ancestry_flops(pipe, main, curves)
@@ -278,7 +288,9 @@ def write_report(pipe: Pipeline) -> Path:
               "baseline's final loss (linear between evaluations); token ratio = that / the "
               "baseline's tokens. Compute ratio counts training FLOPs on both sides, including "
               "the stages each one's weights came from (the small model the grown one started "
-              "as), so it is the honest price of growing.", "",
+              "as), so it is the honest price of growing. A stage and a baseline on different "
+              "tokenizers are not listed: their per-token losses count different tokens "
+              "(compare bits per character, `engine bpc`).", "",
               "| stage | baseline | valid set | baseline final (tokens) | stage final | "
               "tokens to reach | token ratio | compute ratio |", "|" + "---|" * 8]
     for c in comps:
@@ -330,42 +342,13 @@ def draw(pipe: Pipeline, curves: dict[str, Curve], growth: list[dict],
 
     paths = []
     names = _valid_names(curves)
-    # 1. losses of the main chain on one token axis, stage boundaries marked
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(6 * max(len(names), 1), 4),
-                             squeeze=False)
-    offset = 0
-    for s in main_chain(pipe):
-        c = curves.get(s.name)
-        if c is None:
-            continue
-        for ax, v in zip(axes[0], names):
-            pts = c.valid.get(v, [])
-            ax.plot([offset + st * c.tokens_per_step for st, _ in pts], [x for _, x in pts],
-                    marker=".", label=s.name)
-            ax.axvline(offset, color="grey", linestyle=":", linewidth=0.8)
-        offset += c.tokens
-    for ax, v in zip(axes[0], names):
-        ax.set(title=f"validation loss: {v}", xlabel="tokens (all stages)", ylabel="loss")
-        ax.legend(fontsize=8)
-    paths.append(_save(fig, out / "loss_all_stages.png"))
+    # 1. losses (and probe accuracies) of the main chain on one token axis, stages marked
+    paths.append(_all_stages(pipe, curves, "valid", names or [""],
+                             "validation loss", "loss", out / "loss_all_stages.png"))
     tasks = _task_names(curves)
-    if tasks:  # 1b. task probe accuracy on the same axis: the stability gap shows here
-        fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-        offset = 0
-        for s in main_chain(pipe):
-            c = curves.get(s.name)
-            if c is None:
-                continue
-            for ax, t in zip(axes[0], tasks):
-                pts = c.tasks.get(t, [])
-                ax.plot([offset + st * c.tokens_per_step for st, _ in pts], [x for _, x in pts],
-                        marker=".", label=s.name)
-                ax.axvline(offset, color="grey", linestyle=":", linewidth=0.8)
-            offset += c.tokens
-        for ax, t in zip(axes[0], tasks):
-            ax.set(title=f"probe accuracy: {t}", xlabel="tokens (all stages)", ylabel="acc")
-            ax.legend(fontsize=8)
-        paths.append(_save(fig, out / "tasks_all_stages.png"))
+    if tasks:  # the stability gap shows in accuracy
+        paths.append(_all_stages(pipe, curves, "tasks", tasks, "probe accuracy", "acc",
+                                 out / "tasks_all_stages.png"))
     # 2. growth continuity
     if growth:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -391,6 +374,30 @@ def draw(pipe: Pipeline, curves: dict[str, Curve], growth: list[dict],
             ax.legend(fontsize=8)
         paths.append(_save(fig, out / f"baselines_{stage}.png"))
     return paths
+
+
+def _all_stages(pipe: Pipeline, curves: dict[str, Curve], field: str, names: list[str],
+                title: str, ylabel: str, path: Path) -> Path:
+    """One panel per name: `field` ("valid" or "tasks") of the main chain's stages on one token
+    axis, the stage boundaries dotted."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    offset = 0
+    for s in main_chain(pipe):
+        c = curves.get(s.name)
+        if c is None:
+            continue
+        for ax, name in zip(axes[0], names):
+            pts = getattr(c, field).get(name, [])
+            ax.plot([offset + st * c.tokens_per_step for st, _ in pts], [x for _, x in pts],
+                    marker=".", label=s.name)
+            ax.axvline(offset, color="grey", linestyle=":", linewidth=0.8)
+        offset += c.tokens
+    for ax, name in zip(axes[0], names):
+        ax.set(title=f"{title}: {name}", xlabel="tokens (all stages)", ylabel=ylabel)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

@@ -14,12 +14,14 @@ from engine.checkpoint import save_checkpoint
 from engine.config.recipe import Recipe
 from engine.distributed import destroy_parallel_state, init_distributed, parallel_sizes
 from engine.train.flops import flops_per_token
+from engine.train.freeze import freeze_hook
+from engine.train.lr_record import advance_record
 from engine.train.metrics import Metrics, TrainRecord
 from engine.train.schedule import end_step, lr_at, wsd_decay_start
 from engine.train.session import Session, build_session, checkpoint_layout
 from engine.train.signals import StopRequest, write_resume_file
 from engine.train.stage import TokenCounts, decay_file_appeared, stage_start_text
-from engine.train.step import eval_loss, train_step
+from engine.train.step import NonFiniteError, eval_loss, train_step
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,10 @@ class TrainResult:
     """Validation losses per named set, by step."""
     tasks: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     """Task probe figures ({task: {acc, acc_norm}}) by step (eval.tasks)."""
+    drift: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Weight drift scalars by evaluated step (logging.drift, engine.train.drift)."""
+    skipped: list[int] = field(default_factory=list)
+    """Steps whose update was skipped (train.on_nonfinite=skip)."""
     moe: dict = field(default_factory=dict)
     """MoE reports (engine.train.moe_metrics.MoEReport) by log step."""
     final_step: int = 0
@@ -73,6 +79,9 @@ def _evaluate_step(session: Session, metrics: Metrics, result: TrainResult, step
     if session.probes is not None:
         result.tasks[step] = session.probes.evaluate()
         metrics.tasks(step, result.tasks[step])
+    if session.drift is not None:
+        result.drift[step] = session.drift.measure()
+        metrics.scalars(step, result.drift[step])
 
 
 def _save(session: Session, result: TrainResult) -> None:
@@ -85,8 +94,26 @@ def _save(session: Session, result: TrainResult) -> None:
         layout=checkpoint_layout(recipe, session.padded_vocab_size),
         recipe=recipe,
         keep_last=recipe.checkpoint.keep_last,
+        extra=_extra_state(session),
     )
     log.info("saved checkpoint %s", result.checkpoint)
+
+
+def _extra_state(session: Session):
+    """save_checkpoint's `extra`: MER's anchor and drift's W_0, when on."""
+    parts = [p for p in (session.mer, session.drift) if p is not None]
+    if not parts:
+        return None
+    return lambda model: {k: v for p in parts for k, v in p.sharded_state_dict(model).items()}
+
+
+def _after_update(session: Session, lr: float) -> None:
+    """After each update's counts: its LR into the stage's record (engine.train.lr_record),
+    then MER's Reptile step when due."""
+    session.state = replace(session.state,
+                            lr_record=advance_record(session.state.lr_record, lr))
+    if session.mer is not None:
+        session.mer.after_step(session.state.step)
 
 
 def _record(session: Session, step: int, lr: float, grad_norm, losses: list[float],
@@ -170,6 +197,24 @@ def _start_stage(session: Session, metrics: Metrics, result: TrainResult) -> Non
         _evaluate_step(session, metrics, result, 0)
 
 
+def _count_skip(session: Session, metrics: Metrics, result: TrainResult, out, in_a_row: int
+                ) -> int:
+    """A skipped update (train.on_nonfinite=skip, or fp16 overflow): logged, counted, and the run
+    stopped after train.max_skips in a row. Returns the new count in a row."""
+    if not out.skipped:
+        return 0
+    step, train = session.state.step + 1, session.recipe.train
+    result.skipped.append(step)
+    log.warning("step %d: update skipped (loss %s, grad_norm %s; %d in a row)", step, out.loss,
+                out.grad_norm, in_a_row + 1)
+    metrics.scalars(step, {"train/skipped_steps": len(result.skipped)})
+    if in_a_row + 1 >= train.max_skips:
+        raise NonFiniteError(f"{in_a_row + 1} steps in a row skipped for NaN/Inf (loss "
+                             f"{out.loss}, grad_norm {out.grad_norm}): stopping at "
+                             f"train.max_skips={train.max_skips}")
+    return in_a_row + 1
+
+
 def run(session: Session, stop_request: StopRequest | None = None) -> TrainResult:
     recipe, layout = session.recipe, session.runtime.layout
     train, ck, seq = recipe.train, recipe.checkpoint, recipe.data.seq_length
@@ -183,18 +228,26 @@ def run(session: Session, stop_request: StopRequest | None = None) -> TrainResul
     saved_step = session.state.step if session.resumed_from else None
     if session.state.step == 0:
         _start_stage(session, metrics, result)
-    losses, times, tokens = [], [], {}
+    losses, times, tokens, skips = [], [], {}, 0
     while session.state.step < _end(session):
         _start_decay_on_demand(session)
         state = session.state
         microbatches = session.plan.microbatches(session.train_data, state.consumed_samples)
         lr = lr_at(state.step, train.schedule, peak_lr=recipe.optim.lr, total_steps=train.steps,
                    decay_file_step=state.decay_file_step)
+        if session.drift is not None:  # keep W_{t-1} for an evaluation after this step
+            session.drift.watch(_evaluates(session) and
+                                _eval_due(state.step + 1, train, state.step + 1 == _end(session)))
         start = time.perf_counter()
         out = train_step(session.chunks, session.optimizer, microbatches, lr=lr, seq_length=seq,
-                         micro_batch_size=layout.micro_batch_size)
+                         micro_batch_size=layout.micro_batch_size,
+                         before_update=freeze_hook(recipe, session.chunks, session.optimizer,
+                                                   state.step, lr),
+                         on_nonfinite=train.on_nonfinite)
         times.append(time.perf_counter() - start)
+        skips = _count_skip(session, metrics, result, out, skips)
         read = _advance(session, out.tokens)
+        _after_update(session, lr)
         step = session.state.step
         result.losses[step], result.grad_norms[step] = out.loss, out.grad_norm
         result.final_step = step
@@ -211,6 +264,8 @@ def run(session: Session, stop_request: StopRequest | None = None) -> TrainResul
                     microbatches=layout.num_microbatches * len(times))
                 metrics.moe(step, result.moe[step])
             losses, times, tokens = [], [], {}
+        else:  # every step's LR for the loss-law analyses (~0.1 ms, ~50 bytes per event)
+            metrics.scalars(step, {"train/lr": lr})
         if _evaluates(session) and _eval_due(step, train, last):
             _evaluate_step(session, metrics, result, step)
             metrics.token_totals(_token_counts(session, step, {}))

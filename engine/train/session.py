@@ -23,13 +23,19 @@ from engine.checkpoint import (
     read_saved_layout,
     read_train_state,
 )
+from engine.checkpoint.unsharded import check_writable
 from engine.config.errors import ConfigError
 from engine.config.recipe import Recipe, RopeScaling, source_names
 from engine.distributed import Runtime
 from engine.models.build import build_model, moe_aux_loss_scale, transformer_config
-from engine.models.spec import resolve_spec
+from engine.models.initialize import init_spec, initialize_weights
+from engine.models.spec import check_training_attention, resolve_spec
 from engine.models.vocab import VocabError, padded_vocab_size
 from engine.train.batches import MicrobatchPlan, SyntheticDataset
+from engine.train.drift import build_drift
+from engine.train.freeze import optimizer_overrides
+from engine.train.mer import build_mer
+from engine.train.mixture import new_mixture, resumed_mixture
 from engine.train.stage import current_schedule, resumed_schedule
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,10 @@ class Session:
     """engine.train.moe_metrics.MoEMonitor for MoE models."""
     probes: object = None
     """engine.eval.probes.TaskProbes when the recipe has eval.tasks."""
+    mer: object = None
+    """engine.train.mer.Mer with train.mer (the anchor and the Reptile step)."""
+    drift: object = None
+    """engine.train.drift.Drift with logging.drift (the stage's start weights)."""
 
 
 def _tokenizer(recipe: Recipe):
@@ -101,7 +111,9 @@ def _optimizer(recipe: Recipe, tc, chunks):
         use_distributed_optimizer=recipe.parallel.distributed_optimizer,
         overlap_param_gather=recipe.parallel.overlap_param_gather,
     )
-    optimizer = get_megatron_optimizer(config, chunks)
+    # train.freeze: the embedding and output layer in their own groups (engine.train.freeze)
+    optimizer = get_megatron_optimizer(
+        config, chunks, config_overrides=optimizer_overrides(recipe.train.freeze, config))
     _fuse_torch_adam(optimizer)
     return optimizer
 
@@ -148,11 +160,28 @@ class Source:
     """How it was saved (None for checkpoints without the engine's metadata)."""
 
 
+def _remove_partial(root: Path) -> None:
+    """Rank 0 deletes what an interrupted save left (iter_*.partial, never loaded)."""
+    import torch.distributed as dist
+
+    from engine.checkpoint.integrity import remove_partial
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        remove_partial(root)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def locate_source(recipe: Recipe) -> Source | None:
     """Resume beats pretrained, so a requeued job resumes instead of restarting."""
+    from engine.checkpoint.io import intact_checkpoint
+
     ck = recipe.checkpoint
+    if ck.save:
+        _remove_partial(Path(ck.save))
     load_dir = ck.load or ck.save
-    ckpt = find_checkpoint(load_dir) if load_dir else None
+    ckpt = intact_checkpoint(Path(load_dir), fallback=ck.fallback,
+                             checksums=ck.verify_checksums) if load_dir else None
     if ckpt is None and ck.load is not None and ck.load != ck.save:
         raise CheckpointError(f"checkpoint.load={ck.load}: no checkpoint there "
                               "(expected latest_checkpointed_iteration.txt or an iter_ directory)")
@@ -236,9 +265,20 @@ def _restore(recipe: Recipe, source: Source | None, chunks, optimizer, vocab: in
     return None
 
 
-def _datasets(recipe: Recipe, runtime: Runtime, tokenizer):
-    """The training mix (engine.data.mixing: domain blend + replay, sources named) and the
-    validation sets."""
+def _streams(blend, built: list, offsets: dict, *, seed: int, first: int):
+    """A Blend (engine.data.streams) of built one-epoch datasets, sources numbered from
+    `first` (domain blend first, then replay), each started at its offset."""
+    from engine.config.data import source_name
+    from engine.data.streams import Blend, EpochStream
+
+    return Blend([EpochStream(d, seed=seed, index=first + i) for i, d in enumerate(built)],
+                 [b.weight for b in blend], offsets=[offsets.get(source_name(b), 0)
+                                                     for b in blend])
+
+
+def _datasets(recipe: Recipe, runtime: Runtime, tokenizer, mixture: dict | None):
+    """The training mix (engine.data.mixing over engine.data.streams: domain blend + replay,
+    sources named, read from `mixture`'s start and offsets) and the validation sets."""
     from engine.data.mixing import TrainingMix
 
     layout, train, data = runtime.layout, recipe.train, recipe.data
@@ -250,23 +290,32 @@ def _datasets(recipe: Recipe, runtime: Runtime, tokenizer):
         vocab = tokenizer.vocab_size if tokenizer is not None else recipe.model.vocab_size
         synthetic = SyntheticDataset(vocab, data.seq_length, train.seed, train.steps * batch)
         return TrainingMix(synthetic, names, num_domain_sources=1, global_batch_size=batch), {}
-    from engine.data.datasets import build_datasets
+    from engine.data.datasets import build_sources, build_valid_sets
+    from engine.data.token_range import check_token_range
 
     replay = data.replay.samples_per_batch(batch) if data.replay else 0
     evaluates = train.eval_interval or train.eval_interval_early
+    # an id past the vocabulary would index past the embedding mid-run: refuse it now, one line
+    check_token_range([b.path for b in data.blend] +
+                      [b.path for b in (data.replay.blend if data.replay else ())] +
+                      [v.path for v in data.valid if evaluates],
+                      recipe.model.vocab_size or tokenizer.vocab_size)
     common = dict(tokenizer=tokenizer, seq_length=data.seq_length, seed=train.seed,
-                  valid_samples=train.eval_steps * batch, data_cache_dir=data.cache_dir)
+                  data_cache_dir=data.cache_dir, reset_attention_mask=data.reset_attention_mask,
+                  reset_position_ids=data.reset_position_ids, eod_mask_loss=data.eod_mask_loss)
     # Every rank reads its own batches (no broadcast); megatron builds index caches on rank 0 first.
-    domain, valid = build_datasets(
-        blend=[(b.path, b.weight) for b in data.blend],
-        valid={v.name: v.path for v in data.valid} if evaluates else {},
-        train_samples=train.steps * (batch - replay), **common)
-    replayed = None
-    if replay:
-        replayed, _ = build_datasets(blend=[(b.path, b.weight) for b in data.replay.blend],
-                                     valid={}, train_samples=train.steps * replay, **common)
+    replay_blend = data.replay.blend if replay else ()
+    built = build_sources([b.path for b in (*data.blend, *replay_blend)], **common)
+    offsets, seed = mixture["offsets"], train.seed
+    domain = _streams(data.blend, built[:len(data.blend)], offsets, seed=seed, first=0)
+    replayed = _streams(replay_blend, built[len(data.blend):], offsets, seed=seed,
+                        first=len(data.blend)) if replay else None
+    valid = {}
+    if evaluates and data.valid:
+        valid = build_valid_sets({v.name: v.path for v in data.valid},
+                                 valid_samples=train.eval_steps * batch, **common)
     mix = TrainingMix(domain, names, num_domain_sources=len(data.blend), global_batch_size=batch,
-                      replay=replayed, replay_per_batch=replay)
+                      replay=replayed, replay_per_batch=replay, start=mixture["start"])
     return mix, valid
 
 
@@ -284,22 +333,36 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
         from engine.data.datasets import check_vocab
 
         check_vocab(tokenizer.vocab_size, recipe.model.vocab_size)
+    save = recipe.checkpoint.save
+    if save:  # a save directory nothing can be written to: said now, not after the first steps
+        check_writable(save, f"checkpoint.save={save}")
     source = locate_source(recipe)
     if source is not None:
         check_rope_change(recipe, source)
     # The schedule check reads JSON only: a refused resume fails before anything is built.
     resumed = source is not None and source.resume
-    schedule = (resumed_schedule(recipe, source.path, read_train_state(source.path))
-                if resumed else current_schedule(recipe))
+    saved = read_train_state(source.path) if resumed else None
+    schedule = resumed_schedule(recipe, source.path, saved) if resumed else \
+        current_schedule(recipe)
+    batch = runtime.layout.global_batch_size
+    mixture = None if recipe.data.synthetic else (
+        resumed_mixture(recipe, source.path, saved, batch) if resumed else
+        new_mixture(recipe, batch))
     rows = embedding_rows(recipe, tokenizer.vocab_size if tokenizer else None, source)
     # Data first: a bad path or a corrupt .idx fails in seconds, before the model is built.
-    train_data, valid_data = _datasets(recipe, runtime, tokenizer)
+    train_data, valid_data = _datasets(recipe, runtime, tokenizer, mixture)
     spec = resolve_spec(recipe.model.spec, fp8=recipe.train.fp8)
+    check_training_attention(spec, reset_attention_mask=recipe.data.reset_attention_mask)
     tc = transformer_config(recipe, runtime.layout, on_cpu=runtime.on_cpu,
                             gloo=runtime.backend == "gloo")
     models = build_model(recipe, tc, padded_vocab_size=rows, spec=spec)
     if not runtime.on_cpu:
         models = [m.to(runtime.device) for m in models]
+    if source is None:  # from scratch: the same weights at every layout (megatron-core's own
+        # init, which also marks the tensor-parallel weights, depends on pipeline/expert rank)
+        vocab = recipe.model.vocab_size or tokenizer.vocab_size
+        initialize_weights(models, init_spec(recipe.model, seed=recipe.train.seed,
+                                             vocab_size=vocab))
     chunks = _wrap_ddp(recipe, tc, models)
     optimizer = _optimizer(recipe, tc, chunks)
     _hook_schedules(recipe, tc, chunks, optimizer)
@@ -308,7 +371,7 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
         state = TrainState(step=0, consumed_samples=0, consumed_tokens=0, schedule=schedule,
                            earlier_stages=completed_stages(source.path) if source else [],
                            origin=origin_of(source.path) if source else None)
-    state = replace(state, schedule=schedule, stage=recipe.logging.stage)
+    state = replace(state, schedule=schedule, stage=recipe.logging.stage, mixture=mixture)
     from megatron.core import parallel_state as ps
 
     plan = MicrobatchPlan(layout=runtime.layout, dp_rank=ps.get_data_parallel_rank())
@@ -321,13 +384,18 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
                              num_layers=recipe.model.num_layers, num_experts=moe.num_experts,
                              collapse_intervals=recipe.logging.moe_collapse_intervals,
                              aux_loss_scale=moe_aux_loss_scale(recipe.parallel))
+    resumed_from = source.path if resumed else None
     return Session(recipe=recipe, runtime=runtime, chunks=chunks, optimizer=optimizer,
                    train_data=train_data, valid_data=valid_data, plan=plan,
                    padded_vocab_size=rows, state=state,
-                   resumed_from=source.path if resumed else None,
+                   resumed_from=resumed_from,
                    initialized_from=source.path if source and not resumed else None,
                    tokenizer=tokenizer, moe_monitor=monitor,
-                   probes=_probes(recipe, chunks, tokenizer))
+                   probes=_probes(recipe, chunks, tokenizer),
+                   mer=build_mer(recipe.train.mer, optimizer, chunks, step=state.step,
+                                 resumed_from=resumed_from),
+                   drift=build_drift(recipe.logging.drift, chunks, recipe.model.num_layers,
+                                     step=state.step, resumed_from=resumed_from))
 
 
 def _probes(recipe: Recipe, chunks, tokenizer):

@@ -2,8 +2,8 @@
 
 argv: SPEC.json OUT.json. SPEC is {"runs": [{"name": ..., "recipe": {...}}, ...]}; each run is a
 full `train()` (parallel state set up and torn down), so one launch (one megatron-core import,
-~7 s per process) serves many layouts. Rank 0 writes {name: {losses, grad_norms, valid, layout}}
-(`layout`: what megatron's parallel state says ran).
+~7 s per process) serves many layouts. Rank 0 writes {name: {losses, grad_norms, valid, drift,
+layout}} (`layout`: what megatron's parallel state says ran).
 A run with "without_compat_p2p": true trains with megatron's default batched p2p on gloo, to
 show the trap the compat layer closes.
 """
@@ -28,6 +28,7 @@ def main() -> None:
             "losses": result.losses,
             "grad_norms": result.grad_norms,
             "valid": result.valid,
+            "drift": result.drift,
             "layout": result.layout,
         }
     if os.environ.get("RANK", "0") == "0":

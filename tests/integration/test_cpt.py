@@ -82,9 +82,13 @@ def test_tokens_per_source_and_the_earlier_stages_are_in_the_checkpoint(cpt):
     state = read_train_state(find_checkpoint(tmp / "ckpt"))
     assert state.step == 4 and state.stage == "cpt"
     assert state.source_tokens == {"code-train": 4 * 6 * SEQ, "general": 4 * 2 * SEQ}
-    assert state.earlier_stages == [{"stage": "pretrain", "steps": PRETRAIN_STEPS,
-                                     "tokens": PRETRAIN_STEPS * GBS * SEQ,
-                                     "source_tokens": {"code-train": PRETRAIN_STEPS * GBS * SEQ}}]
+    (earlier,) = state.earlier_stages
+    lr = earlier.pop("lr")  # the pretraining's learning rates, summed (engine.train.lr_record)
+    assert earlier == {"stage": "pretrain", "steps": PRETRAIN_STEPS,
+                       "tokens": PRETRAIN_STEPS * GBS * SEQ,
+                       "source_tokens": {"code-train": PRETRAIN_STEPS * GBS * SEQ}}
+    assert lr["steps"] == PRETRAIN_STEPS and lr["peak"] >= lr["final"] > 0
+    assert state.lr_record["steps"] == 4
 
 
 def test_resume_with_a_changed_schedule_needs_override(make_recipe, tmp_path):

@@ -100,8 +100,11 @@ def test_pretrained_is_weights_only_and_ignored_once_a_checkpoint_exists(
     )
     cpt = train(recipe_from_dict(recipe))
     assert sorted(cpt.losses) == [1, 2]  # a fresh run: step 0, fresh schedule and optimizer
-    # Step 1's loss is the pretrained weights' loss on batch 0: lower than the random init's.
-    assert cpt.losses[1] < full.losses[1] - 0.5
+    # Step 1's loss is the pretrained weights' loss on batch 0: lower than the random init's,
+    # nearer the trained run's last losses than its first.
+    last = full.losses[max(full.losses)]
+    assert cpt.losses[1] < full.losses[1] and \
+        abs(cpt.losses[1] - last) < abs(cpt.losses[1] - full.losses[1]), (cpt.losses, full.losses)
     again = train(
         recipe_from_dict(
             make_recipe(

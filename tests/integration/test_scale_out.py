@@ -84,8 +84,10 @@ def test_swapped_gate_up_layout_breaks_the_invariant(dense):
         _, logits = evaluate(moe_cfg, moe_state, batch)
         diff = compare_logits(reference, logits, vocab_size=recipe.model.vocab_size,
                               dtype=torch.float32)
+        # a few steps from init, gate and up are still alike: the swap shows at ~70x the
+        # tolerance (the correct layout at 1e-7)
         assert diff.holds == ok and (diff.max_rel < 1e-6 if ok else
-                                     diff.max_rel > 100 * diff.rtol), diff.line()
+                                     diff.max_rel > 20 * diff.rtol), diff.line()
 
 
 def test_layout_independent_output_and_refusal(dense, tmp_path):

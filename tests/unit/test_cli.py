@@ -13,10 +13,11 @@ def test_help_lists_every_command_with_a_description(capsys):
 
 
 @pytest.mark.parametrize("group, commands", [
-    ("upcycle", ["scale-up", "scale-out"]),
+    ("upcycle", ["scale-up", "scale-out", "vocab"]),
     ("convert", ["hf-to-engine", "engine-to-hf", "verify"]),
     ("bench", ["train", "compare", "kernels", "sweep", "collect"]),
     ("tokenizer", ["train"]),
+    ("data", ["split-length", "lengths"]),
 ])
 def test_a_group_without_a_command_lists_its_commands_and_exits_2(group, commands, capsys):
     assert main([group]) == 2

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from engine.files import new_directory, write_atomic
+from engine.files import new_directory, unwritable, write_atomic
 
 
 def test_a_written_file_replaces_the_old_one_with_umask_permissions(tmp_path):
@@ -30,3 +30,16 @@ def test_a_failed_directory_leaves_nothing_and_a_finished_one_appears_whole(tmp_
         (tmp / "weights").write_text("all")
         assert not (out / "weights").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and (out / "weights").is_file()
+
+
+def test_unwritable_says_why_nothing_can_be_written(tmp_path):
+    assert unwritable(tmp_path) is None and unwritable(tmp_path / "new" / "deeper") is None
+    (tmp_path / "file").write_text("x")
+    assert unwritable(tmp_path / "file" / "out") == (
+        f"not writable ({tmp_path / 'file'} is a file, not a directory)")
+    if os.geteuid() != 0:  # file modes stop everyone but root
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        assert unwritable(ro / "out") == f"not writable ({ro}: no write permission)"
+    elif os.path.isdir("/proc/sys") and not os.access("/proc/sys", os.W_OK):
+        assert unwritable("/proc/sys/out") == "not writable (/proc/sys: no write permission)"

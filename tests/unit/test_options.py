@@ -13,7 +13,7 @@ from engine.options import (
     options_from_namespace,
     to_argv,
 )
-from engine.upcycle.commands import ScaleOutOptions, ScaleUpOptions
+from engine.upcycle.commands import ScaleOutOptions, ScaleUpOptions, VocabOptions
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -54,7 +54,7 @@ def test_docstrings_are_the_help_including_the_bases():
     assert field_docs(Example) == {"tp": "Target tensor-parallel size.", "num_experts": "Experts.",
                                    "noise": "Relative std.", "method": "A or b.",
                                    "pre_softmax": "Softmax first."}
-    for options in (ScaleUpOptions, ScaleOutOptions):  # every command option is documented
+    for options in (ScaleUpOptions, ScaleOutOptions, VocabOptions):  # every option documented
         names = set(options.__dataclass_fields__)
         assert names == set(field_docs(options)) and all(field_docs(options).values())
 

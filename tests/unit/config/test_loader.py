@@ -234,6 +234,17 @@ def test_type_errors(recipe_file, override, message):
     assert _error(path, [override]) == f"{path}: {message}; set by override {override!r}"
 
 
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_floats_are_refused(recipe_file, value):
+    """YAML's .nan/.inf parse as floats; no recipe value means them (a NaN lr trains NaNs)."""
+    path = recipe_file(BASE + "optim:\n  weight_decay: " + value + "\n")
+    shown = {".nan": "nan", ".inf": "inf", "-.inf": "-inf"}[value]
+    assert _error(path) == f"{path}: optim.weight_decay: expected a finite number, got {shown}"
+    override = f"optim.lr={value}"
+    assert _error(recipe_file(), [override]) == (
+        f"{path}: optim.lr: expected a finite number, got {shown}; set by override {override!r}")
+
+
 def test_type_error_in_the_file(recipe_file):
     path = recipe_file(BASE.replace("steps: 10", "steps: ten"))
     assert _error(path) == f"{path}: train.steps: expected int, got 'ten' (str)"

@@ -139,6 +139,11 @@ BAD = [
      dict(synthetic=True, valid=(ValidSet(name="a", path="x"), ValidSet(name="a", path="y"))),
      "data.valid: name 'a' appears 2 times"),
     (DataConfig, dict(synthetic=True, seq_length=0), "data.seq_length: expected >= 1, got 0"),
+    (DataConfig, dict(synthetic=True, reset_attention_mask=True),
+     "data.reset_attention_mask needs documents with end-of-document tokens, but "
+     "data.synthetic is true"),
+    (ParallelConfig, dict(cp=2, cp_comm_type="ring"),
+     "parallel.cp_comm_type: expected one of p2p|all_gather|a2a, got 'ring'"),
     (TokenizerConfig, dict(type="sentencepiece"),
      "tokenizer.path is required when tokenizer.type is 'sentencepiece'"),
     (TokenizerConfig, dict(type="bpe", path="x"),

@@ -67,8 +67,27 @@ def test_global_batch_defaults_to_one_microbatch_per_rank():
     (dict(parallel=dict(tp=4, sequence_parallel=True), data=dict(seq_length=130)), 4,
      "data.seq_length/cp=130 must be divisible by parallel.tp=4 with parallel.sequence_parallel "
      "(seq_length=130, cp=1)"),
-    (dict(parallel=dict(cp=2), data=dict(seq_length=128)), 2,
-     "parallel.cp=2: context parallelism is not implemented yet; use parallel.cp=1"),
+    (dict(parallel=dict(cp=3), data=dict(seq_length=128)), 3,
+     "data.seq_length=128 must be divisible by 2*parallel.cp=6 (the load-balanced split into "
+     "2*cp chunks; cp=3)"),
+    (dict(parallel=dict(cp=2, tp=2), data=dict(seq_length=128)), 6,
+     "world_size=6 is not divisible by tp*pp*cp=4 (tp=2, pp=1, cp=2)"),
+    (dict(parallel=dict(cp=4, tp=4, cp_comm_type="a2a"), data=dict(seq_length=128)), 16,
+     "parallel.cp_comm_type=a2a: attention heads per tensor-parallel rank 2 "
+     "(model.num_attention_heads=8 / parallel.tp=4) must be divisible by parallel.cp=4"),
+    (dict(parallel=dict(cp=2), eval=dict(tasks=["t"]), train=dict(eval_interval=5),
+          tokenizer=dict(type="hf", path="x")), 2,
+     "eval.tasks=['t'] with parallel.cp=2: the task probes run whole sequences (cp=1); run "
+     "engine eval on the checkpoint instead"),
+    (dict(parallel=dict(cp=2, tp=4, sequence_parallel=True), data=dict(seq_length=132)), 8,
+     "data.seq_length/cp=66 must be divisible by parallel.tp=4 with parallel.sequence_parallel "
+     "(seq_length=132, cp=2)"),
+    (dict(data=dict(synthetic=False, blend=[{"path": "a"}], reset_attention_mask=True)), 1,
+     "data.reset_attention_mask=true needs the tokenizer's end-of-document id, but "
+     "tokenizer.type is none"),
+    (dict(data=dict(synthetic=False, blend=[{"path": "a"}], eod_mask_loss=True)), 1,
+     "data.eod_mask_loss=true needs the tokenizer's end-of-document id, but tokenizer.type is "
+     "none"),
     (dict(data=dict(seq_length=512)), 1,
      "data.seq_length=512 exceeds model.max_position_embeddings=256 and model.rotary_scaling "
      "is not set"),
@@ -90,6 +109,11 @@ def test_rope_scaling_allows_sequences_past_max_position_embeddings(kind):
     assert validate(recipe, 1).world_size == 1
 
 
+def test_context_parallel_divides_the_world_with_the_other_degrees():
+    layout = validate(make(parallel=dict(tp=2, cp=2), data=dict(seq_length=128)), 8)
+    assert (layout.tp, layout.cp, layout.dp) == (2, 2, 2)
+
+
 def test_source_prefixes_the_error():
     with pytest.raises(ConfigError) as info:
         validate(make(parallel=dict(tp=3)), 3, source="configs/cpt.yaml")
@@ -105,7 +129,7 @@ def test_world_size_must_be_positive():
 @given(
     tp=st.sampled_from([1, 2, 3, 4, 8]),
     pp=st.sampled_from([1, 2, 3, 4]),
-    cp=st.sampled_from([1]),  # cp > 1 is refused until context parallelism lands
+    cp=st.sampled_from([1, 2, 3, 4]),
     dp=st.integers(1, 8),
     heads=st.sampled_from([1, 2, 4, 6, 8, 12, 16, 32]),
     micro_batch_size=st.integers(1, 4),
@@ -134,3 +158,4 @@ def test_valid_layouts_multiply_out(tp, pp, cp, dp, heads, micro_batch_size, acc
     assert layout.tp * layout.pp * layout.dp * layout.cp == world_size
     assert layout.num_microbatches * layout.micro_batch_size * layout.dp == layout.global_batch_size
     assert heads % layout.tp == 0 and 24 % (layout.pp * (layout.vpp or 1)) == 0
+    assert 128 % (2 * layout.cp) == 0  # the load-balanced CP split (seq_length 128)

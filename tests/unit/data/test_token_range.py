@@ -112,8 +112,10 @@ def test_check_token_range(dataset):
 
 
 def test_errors_name_the_file(tmp_path, dataset):
+    with pytest.raises(DataError, match=r"nope\.idx: not found; expected the \.bin/\.idx pair"):
+        check_token_range([tmp_path / "nope"], 10)  # the pair is checked first
     with pytest.raises(DataError, match=r"nope\.bin: not found; expected a preprocessed"):
-        check_token_range([tmp_path / "nope"], 10)
+        max_token_id(tmp_path / "nope")
     sidecar_path(dataset).unlink()
     with open(f"{dataset}.bin", "ab") as stream:
         stream.write(b"\x00")  # no longer a whole number of int32 tokens
