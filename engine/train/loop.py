@@ -219,9 +219,11 @@ def run(session: Session, stop_request: StopRequest | None = None) -> TrainResul
     recipe, layout = session.recipe, session.runtime.layout
     train, ck, seq = recipe.train, recipe.checkpoint, recipe.data.seq_length
     # A resumed run's first step is state.step + 1: TensorBoard drops events at and beyond the
-    # purge step, and the checkpoint's own step was logged by the run that saved it.
+    # purge step, and the checkpoint's own step was logged by the run that saved it. A stage
+    # starting at step 0 purges from 0: what a killed earlier attempt logged before its first
+    # checkpoint is not this run's (found by tests/chaos.py: steps 1-2 logged twice).
     metrics = Metrics(recipe.logging.tensorboard_dir, enabled=session.runtime.is_main,
-                      purge_step=session.state.step + 1 if session.state.step else None)
+                      purge_step=session.state.step + 1 if session.state.step else 0)
     flops_per_step = flops_per_token(recipe.model, session.padded_vocab_size, seq) * \
         layout.global_batch_size * seq
     result = TrainResult(final_step=session.state.step, layout=parallel_sizes())

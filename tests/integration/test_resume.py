@@ -82,6 +82,26 @@ def test_tensorboard_scalars_read_back(straight):
     assert [e.step for e in events.Scalars("valid/code/loss")] == [3, 6]
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_not_logged_twice(straight, make_recipe,
+                                                                        tmp_path):
+    """What an attempt logged before it was killed, with no checkpoint yet (its events are
+    in the directory: here a finished run's, copied), is replaced by the run that starts over
+    from step 0: each step once, with the new run's values (found by tests/chaos.py)."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shutil.copytree(straight[0] / "tb", tmp_path / "tb")
+    again = train(recipe_from_dict(make_recipe(
+        train={"steps": 2}, logging={"log_interval": 1, "tensorboard_dir": str(tmp_path / "tb")},
+        checkpoint={"save": str(tmp_path / "ckpt")})))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in logged] == [1, 2]
+    assert logged == [(s, pytest.approx(again.losses[s], rel=1e-6)) for s in (1, 2)]
+
+
 def test_keep_last_retention_and_tracker(straight):
     tmp, _ = straight
     ckpt = tmp / "ckpt"
