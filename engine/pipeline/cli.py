@@ -66,7 +66,7 @@ def submit(file: str, extra: list[str], dry_run: bool) -> list[str]:
         # for ever with Reason=DependencyNeverSatisfied)
         command = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes",
                    f"--job-name={pipe.name}-{stage.name.replace('/', '-')}",
-                   f"--output={d}/slurm-%j.out", *extra]
+                   f"--output={d}/slurm-%j.out", *extra, *stage.sbatch]
         if stage.source in jobs:  # baselines need only their source: they run side by side
             command.append(f"--dependency=afterok:{jobs[stage.source]}")
         command += [str(SLURM_SCRIPT), file, stage.name]

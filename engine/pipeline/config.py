@@ -7,7 +7,8 @@ recipe: configs/tiny-cpu.yaml        # every train stage starts from this recipe
 overrides: {parallel.tp: 1}          # ... with these dotted overrides
 nproc: 1                             # processes per train stage (torchrun), unless the stage says
 stages:
-  - {name: pretrain, kind: train, overrides: {train.steps: 300}}
+  - {name: pretrain, kind: train, overrides: {train.steps: 300},
+     sbatch: [--nodes=2]}                                       # engine pipeline submit: 2 nodes
   - {name: grow, kind: scale_up, source: pretrain, args: {hidden_size: 256, num_layers: 4}}
   - {name: cpt, kind: train, source: grow}                      # weights of `grow`
   - {name: cpt_random, kind: train, source: grow, init: random, baseline_for: cpt}
@@ -75,6 +76,10 @@ class Stage:
     sweep: Mapping = field(default_factory=dict)
     """sweep: {key: a dotted recipe key, values: [...]}, one train stage per value
     (engine.pipeline.sweep)."""
+    sbatch: tuple = ()
+    """`engine pipeline submit`: sbatch options of this stage's job, after the pipeline's
+    --sbatch-arg (a later option wins), e.g. [--nodes=2] for a train stage on two nodes while
+    a scale_up stage runs on one."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,10 @@ def _check_stage(stage: Stage, earlier: dict[str, Stage], where: str) -> None:
             raise ConfigError(f"{where}.{key}: expected a mapping of option: value")
     if stage.nproc is not None and (not isinstance(stage.nproc, int) or stage.nproc < 1):
         raise ConfigError(f"{where}.nproc: expected a positive integer, got {stage.nproc!r}")
+    if not isinstance(stage.sbatch, list | tuple) or not all(
+            isinstance(o, str) and o.startswith("-") for o in stage.sbatch):
+        raise ConfigError(f"{where}.sbatch: expected a list of sbatch options such as "
+                          f"[--nodes=2], got {stage.sbatch!r}")
     check_sweep(stage, where)
     if stage.kind not in TRAINING:
         stage_options(stage, f"{where}.args")

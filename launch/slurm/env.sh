@@ -16,6 +16,12 @@ export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
 # export NCCL_IB_HCA=mlx5                # the InfiniBand adapters to use
 # export NCCL_NVLS_ENABLE=0              # NVLink SHARP off, where it misbehaves
 
+# Several nodes: the interface the nodes reach each other on, for gloo (megatron-core's CPU
+# process groups on every run, all of a CPU run). Without it gloo listens on the address the
+# hostname resolves to; where that is loopback (Debian's /etc/hosts: 127.0.1.1) the other nodes
+# cannot connect, and the launchers refuse to start a multi-node run. NCCL skips loopback itself.
+# export GLOO_SOCKET_IFNAME=eth0         # a name (not a prefix, as NCCL's), or eth0,eth1
+
 # Log lines reach the Slurm log as they are printed (a file is block-buffered otherwise).
 export PYTHONUNBUFFERED=1
 

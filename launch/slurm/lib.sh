@@ -43,8 +43,8 @@ engine_note() {
 
 # The environment a dry run prints: what env.sh and the launcher set, and the Slurm job facts the
 # commands were derived from.
-ENGINE_ENV_PATTERN='^(CUDA_DEVICE_MAX_CONNECTIONS|NCCL_[A-Z_]*|TORCH_[A-Z_]*|PET_[A-Z_]*'
-ENGINE_ENV_PATTERN+='|OMP_NUM_THREADS|PYTHON[A-Z_]*|ENGINE_[A-Z_]*'
+ENGINE_ENV_PATTERN='^(CUDA_DEVICE_MAX_CONNECTIONS|NCCL_[A-Z_]*|GLOO_[A-Z_]*|TORCH_[A-Z_]*'
+ENGINE_ENV_PATTERN+='|PET_[A-Z_]*|OMP_NUM_THREADS|PYTHON[A-Z_]*|ENGINE_[A-Z_]*'
 ENGINE_ENV_PATTERN+='|SLURM_(JOB_ID|JOB_NODELIST|NNODES|RESTART_COUNT|ARRAY_JOB_ID|ARRAY_TASK_ID))='
 
 # `engine_quote WORD`: WORD as the shell reads it back: bare when that is safe, else in quotes.
@@ -86,4 +86,22 @@ engine_show_dry_run() {
   engine_print_env
   printf '# command\n'
   engine_print_cmd "$@"
+}
+
+# `engine_check_gloo_address`: before a launch over several nodes. Unless GLOO_SOCKET_IFNAME names
+# an interface, gloo (megatron-core's CPU process groups on every run, all collectives of a CPU
+# run) listens on the first address this node's hostname resolves to, and tells the other nodes
+# to connect there; where that is loopback (Debian's /etc/hosts maps the hostname to 127.0.1.1)
+# they cannot, and the job fails after its start-up with gloo's "Connection refused" in a
+# traceback (measured: tests/slurm/two_nodes). Say it first, in one line.
+engine_check_gloo_address() {
+  [[ -z "${GLOO_SOCKET_IFNAME:-}" ]] || return 0
+  local host addr
+  host="$(hostname)"
+  addr="$(getent ahosts "$host" | awk 'NR == 1 {print $1}' || true)"
+  if [[ -z "$addr" || "$addr" == 127.* || "$addr" == ::1 ]]; then
+    engine_die "this node's name $host resolves to ${addr:-nothing} (not an address the other" \
+      "nodes reach): gloo would listen there; set GLOO_SOCKET_IFNAME to the interface the nodes" \
+      "reach each other on (launch/slurm/env.sh)"
+  fi
 }

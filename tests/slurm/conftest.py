@@ -73,8 +73,11 @@ def _wait_until(check, timeout: float, what: str, period: float = 0.1):
 class Slurm:
     """A running cluster: `env` for clients, job submission and polling."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, daemon_logs: tuple[str, ...] = ("log/slurmctld.log",
+                                                                   "log/slurmd.log")):
         self.base = base
+        self.daemon_logs = daemon_logs
+        """The daemons' log files under `base`, whose tails a failed command shows."""
         self.env = {**os.environ, "SLURM_CONF": str(base / "slurm.conf")}
         for name in list(self.env):  # a test run inside a Slurm job must not leak into this one
             if name.startswith(("SLURM_", "SBATCH_", "SRUN_")) and name != "SLURM_CONF":
@@ -119,19 +122,20 @@ class Slurm:
 
     def logs(self) -> str:
         parts = []
-        for name in ("slurmctld.log", "slurmd.log"):
-            path = self.base / "log" / name
+        for name in self.daemon_logs:
+            path = self.base / name
             if path.exists():
                 parts.append(f"--- {name} (tail)\n" + "\n".join(
                     path.read_text(errors="replace").splitlines()[-15:]))
         return "\n".join(parts)
 
 
-def _write_conf(base: Path, node_line: str) -> None:
-    host = socket.gethostname()
-    (base / "slurm.conf").write_text(f"""\
-ClusterName=enginetest
-SlurmctldHost={host}(127.0.0.1)
+def _slurm_conf(base: Path, *, controller: str, slurmd: str, nodes: str, name: str) -> str:
+    """slurm.conf of a test cluster: slurmctld on `controller` (an address), the slurmd file
+    lines `slurmd` (spool, pid, log), the node lines `nodes`; one partition of all nodes."""
+    return f"""\
+ClusterName={name}
+SlurmctldHost={socket.gethostname()}({controller})
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
@@ -140,11 +144,9 @@ AuthInfo=socket={base}/munge/munge.socket
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={base}/state
-SlurmdSpoolDir={base}/spool
 SlurmctldPidFile={base}/slurmctld.pid
-SlurmdPidFile={base}/slurmd.pid
 SlurmctldLogFile={base}/log/slurmctld.log
-SlurmdLogFile={base}/log/slurmd.log
+{slurmd}
 MailProg=/bin/true
 MpiDefault=none
 ProctrackType=proctrack/pgid
@@ -160,9 +162,17 @@ KillWait=30
 MinJobAge=600
 # Start a submitted or requeued batch job at once (the default waits up to 3 s to batch them).
 SchedulerParameters=batch_sched_delay=0
-{node_line} NodeAddr=127.0.0.1 State=UNKNOWN
+{nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
+"""
+
+
+def _write_conf(base: Path, node_line: str) -> None:
+    slurmd = (f"SlurmdSpoolDir={base}/spool\nSlurmdPidFile={base}/slurmd.pid\n"
+              f"SlurmdLogFile={base}/log/slurmd.log")
+    (base / "slurm.conf").write_text(_slurm_conf(
+        base, controller="127.0.0.1", slurmd=slurmd, name="enginetest",
+        nodes=f"{node_line} NodeAddr=127.0.0.1 State=UNKNOWN"))
 
 
 def _kill_by_pidfile(path: Path, timeout: float = 10) -> None:
@@ -181,12 +191,11 @@ def _kill_by_pidfile(path: Path, timeout: float = 10) -> None:
         pass
 
 
-def _start(base: Path) -> Slurm:
+def _start_munge(base: Path) -> None:
+    """munged on `base`/munge/munge.socket (its pid file beside it), as slurm.conf's AuthInfo
+    names it: a private key and socket; it wants its files owned by munge and the socket's
+    directory reachable by everyone (clients connect to it)."""
     munge = pwd.getpwnam("munge")
-    for sub in ("state", "spool", "log"):
-        (base / sub).mkdir()
-    # munged: a private key and socket; it wants its files owned by munge and the socket's
-    # directory reachable by everyone (clients connect to it).
     mdir = base / "munge"
     mdir.mkdir(mode=0o755)
     key = mdir / "munge.key"
@@ -198,6 +207,12 @@ def _start(base: Path) -> Slurm:
                     f"--key-file={key}", f"--pid-file={mdir}/munged.pid",
                     f"--log-file={mdir}/munged.log", f"--seed-file={mdir}/munged.seed"],
                    check=True, capture_output=True, timeout=30)
+
+
+def _start(base: Path) -> Slurm:
+    for sub in ("state", "spool", "log"):
+        (base / sub).mkdir()
+    _start_munge(base)
     node = subprocess.run(["slurmd", "-C"], check=True, capture_output=True, text=True,
                           timeout=30).stdout.splitlines()[0]
     node = re.sub(r"\s*UpTime=\S*", "", node)
@@ -217,14 +232,20 @@ def _start(base: Path) -> Slurm:
     return cluster
 
 
+def _cancel_all(cluster: Slurm | None) -> None:
+    """Jobs first, while slurmd is alive to end their processes."""
+    if cluster is None:
+        return
+    cluster.run("scancel", "--user", "root", "--full", check=False)
+    try:
+        _wait_until(lambda: not cluster.run("squeue", "-h", check=False).stdout.strip(),
+                    60, "the queue to empty")
+    except AssertionError:
+        pass
+
+
 def _stop(base: Path, cluster: Slurm | None) -> None:
-    if cluster is not None:  # jobs first, while slurmd is alive to end their processes
-        cluster.run("scancel", "--user", "root", "--full", check=False)
-        try:
-            _wait_until(lambda: not cluster.run("squeue", "-h", check=False).stdout.strip(),
-                        60, "the queue to empty")
-        except AssertionError:
-            pass
+    _cancel_all(cluster)
     for pidfile in ("slurmd.pid", "slurmctld.pid", "munge/munged.pid"):
         _kill_by_pidfile(base / pidfile)
 
@@ -247,6 +268,14 @@ def slurm():
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def slurm_parts():
+    """The pieces this cluster is made of, for the two-node cluster (tests/slurm/two_nodes)."""
+    return SimpleNamespace(why_not=_why_no_slurm, start_munge=_start_munge, Slurm=Slurm,
+                           slurm_conf=_slurm_conf, cancel_all=_cancel_all,
+                           kill_by_pidfile=_kill_by_pidfile, wait_until=_wait_until)
+
+
 # --- the tiny recipe, as the tests run it ---------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -265,6 +294,7 @@ def tiny_overrides(tiny_data):
             "train.steps": str(steps),
             "train.schedule.warmup_steps": "2",
             "train.eval_interval": "null",
+            "eval.tasks": "[]",  # the recipe's probes read data/demo/tasks (make demo-data)
             "checkpoint.save": str(tmp / "ckpt"),
             "checkpoint.save_interval": "3",  # a stop's save is then never a run's first save
             "logging.log_interval": "1",

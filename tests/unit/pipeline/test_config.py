@@ -45,6 +45,8 @@ def test_valid_pipeline_parses():
     (_with(stage=(0, {"overide": {}})), "unknown key 'overide' (did you mean 'overrides'?)"),
     (_with(stages=[]), "'stages' must be a non-empty list"),
     (_with(nproc=0), "nproc: expected a positive integer"),
+    (_with(stage=(0, {"sbatch": "--nodes=2"})), "stages[0].sbatch: expected a list of sbatch"),
+    (_with(stage=(0, {"sbatch": ["nodes=2"]})), "such as [--nodes=2], got ['nodes=2']"),
     # stage args are the command's options, checked on load with the recipe key names
     (_with(stage=(1, {"args": {"hidden": 8}})),
      "stages[1].args: unknown option 'hidden' (did you mean 'hidden_size'?)"),

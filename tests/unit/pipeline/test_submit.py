@@ -9,7 +9,7 @@ from engine.pipeline.cli import SLURM_SCRIPT, submit
 
 def test_dry_run_chains_stages_on_their_sources(tmp_path, capsys):
     pipe = {"name": "es", "out": str(tmp_path / "run"), "recipe": "r.yaml", "stages": [
-        {"name": "pre", "kind": "train"},
+        {"name": "pre", "kind": "train", "sbatch": ["--nodes=2", "--partition=big"]},
         {"name": "grow", "kind": "scale_up", "source": "pre"},
         {"name": "cpt", "kind": "train", "source": "grow"},
         {"name": "rand", "kind": "train", "source": "grow", "init": "random",
@@ -31,3 +31,7 @@ def test_dry_run_chains_stages_on_their_sources(tmp_path, capsys):
                     "rand": ["--dependency=afterok:<grow>"],
                     "hf": ["--dependency=afterok:<cpt>"]}
     assert f"--output={tmp_path}/run/cpt/slurm-%j.out" in by_stage["cpt"]
+    # a stage's own options follow the pipeline's (sbatch: the later one wins), on its job only
+    pre = by_stage["pre"]
+    assert pre.index("--partition=gpu") < pre.index("--partition=big") and "--nodes=2" in pre
+    assert not any(a.startswith("--nodes") for s, c in by_stage.items() if s != "pre" for a in c)
