@@ -30,11 +30,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.convert import ConvertError
     from engine.data import DataError
     from engine.models.vocab import VocabError
+    from engine.train.spike import SpikeError
     from engine.train.step import NonFiniteError
     from engine.upcycle import UpcycleError
 
     return (ConfigError, DataError, CheckpointError, ConvertError, UpcycleError, VocabError,
-            NonFiniteError)
+            NonFiniteError, SpikeError)
 
 
 def train_main(argv: list[str]) -> int:

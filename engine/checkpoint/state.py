@@ -48,6 +48,10 @@ class TrainState:
     lr_record: dict = field(default_factory=dict)
     """The learning rates this stage's updates used, summed (engine.train.lr_record): {"steps",
     "s1", "s2", "m", "first", "final", "peak"}; complete only when its steps equal `step`."""
+    rewinds: list = field(default_factory=list)
+    """This stage's loss-spike rewinds (train.spike, engine.train.spike), oldest first: each
+    {"spike_step", "loss", "median", "to_step", "skipped_batches"}; the skipped batches are also
+    in the data position (`mixture`'s start), so every later resume skips them too."""
 
 
 def read_train_state(ckpt: Path) -> TrainState:

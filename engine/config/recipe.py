@@ -24,6 +24,7 @@ from engine.config.errors import ConfigError
 from engine.config.freeze import FreezeConfig
 from engine.config.mer import MerConfig
 from engine.config.model import ModelConfig, MoEConfig, RopeScaling  # noqa: F401
+from engine.config.spike import SpikeConfig
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -213,6 +214,9 @@ class TrainConfig:
     `train/skipped_steps`; its batch is consumed). Every rank decides alike (global values)."""
     max_skips: int = 10
     """With on_nonfinite=skip: stop once this many steps in a row were skipped."""
+    spike: SpikeConfig | None = None
+    """Loss spikes: warn, or rewind to the checkpoint before and skip data (engine.config.spike);
+    null = off."""
     recompute: str = "none"
     """Activation recomputation: none|selective (core attention)|full (whole layers)."""
     recompute_num_layers: int = 1

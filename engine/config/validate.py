@@ -171,6 +171,11 @@ def _check_training(recipe: Recipe) -> None:
         if value is not None:
             _require(bool(data.valid) or data.synthetic or bool(recipe.eval.tasks),
                      f"train.{key}={value} needs data.valid or eval.tasks (none given)")
+    if train.spike is not None and train.spike.action == "rewind":
+        _require(bool(recipe.checkpoint.save), "train.spike.action=rewind needs checkpoint.save "
+                 "(the checkpoints it rewinds to)")
+        _require(not data.synthetic, "train.spike.action=rewind needs data.blend: synthetic "
+                 "data has no position to skip")
     if recipe.eval.tasks:
         _require(recipe.tokenizer.type != "none",
                  f"eval.tasks={list(recipe.eval.tasks)} needs a tokenizer (tokenizer.type is "

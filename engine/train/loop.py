@@ -20,6 +20,7 @@ from engine.train.metrics import Metrics, TrainRecord
 from engine.train.schedule import end_step, lr_at, wsd_decay_start
 from engine.train.session import Session, build_session, checkpoint_layout
 from engine.train.signals import StopRequest, write_resume_file
+from engine.train.spike import Spike, SpikeWatch, rewind
 from engine.train.stage import TokenCounts, decay_file_appeared, stage_start_text
 from engine.train.step import NonFiniteError, eval_loss, train_step
 
@@ -39,6 +40,10 @@ class TrainResult:
     """Weight drift scalars by evaluated step (logging.drift, engine.train.drift)."""
     skipped: list[int] = field(default_factory=list)
     """Steps whose update was skipped (train.on_nonfinite=skip)."""
+    spikes: list[int] = field(default_factory=list)
+    """Steps whose loss spiked (train.spike), rewound ones included."""
+    spike: Spike | None = None
+    """The spike this run stopped at to rewind (train.spike.action=rewind), else None."""
     moe: dict = field(default_factory=dict)
     """MoE reports (engine.train.moe_metrics.MoEReport) by log step."""
     final_step: int = 0
@@ -215,7 +220,47 @@ def _count_skip(session: Session, metrics: Metrics, result: TrainResult, out, in
     return in_a_row + 1
 
 
-def run(session: Session, stop_request: StopRequest | None = None) -> TrainResult:
+def _spike_watch(session: Session, result: TrainResult) -> SpikeWatch | None:
+    """train.spike's window, holding the losses of the steps up to the session's (those of an
+    earlier run of this process: after a rewind, the steps before it)."""
+    config = session.recipe.train.spike
+    if config is None:
+        return None
+    done = session.state.step
+    history = [loss for step, loss in sorted(result.losses.items())
+               if step <= done and step not in result.spikes]
+    return SpikeWatch(config, history)
+
+
+def _check_spike(session: Session, metrics: Metrics, result: TrainResult, watch, out) -> bool:
+    """Judge the step just taken; True when the run must stop and rewind."""
+    step = session.state.step
+    spike = watch.check(step, out.loss) if watch is not None and not out.skipped else None
+    if spike is None:
+        return False
+    result.spikes.append(step)
+    if session.recipe.train.spike.action == "rewind":
+        result.spike = spike
+        return True
+    log.warning("loss spike at step %d: %.4f > %g x median %.4f of the last %d steps", step,
+                spike.loss, session.recipe.train.spike.factor, spike.median,
+                session.recipe.train.spike.window)
+    metrics.scalars(step, {"train/spikes": len(result.spikes)})
+    return False
+
+
+def _forget_after(result: TrainResult, step: int) -> None:
+    """Drop what `result` holds of the steps after `step` (rewound: they run again)."""
+    for figures in (result.losses, result.grad_norms, result.valid, result.tasks, result.drift,
+                    result.moe):
+        for later in [s for s in figures if s > step]:
+            del figures[later]
+
+
+def run(session: Session, stop_request: StopRequest | None = None,
+        result: TrainResult | None = None) -> TrainResult:
+    """Train `session` to its end (or a stop request, or a spike to rewind at); `result`: that
+    of an earlier run of this process to continue (after a rewind)."""
     recipe, layout = session.recipe, session.runtime.layout
     train, ck, seq = recipe.train, recipe.checkpoint, recipe.data.seq_length
     # A resumed run's first step is state.step + 1: TensorBoard drops events at and beyond the
@@ -226,7 +271,10 @@ def run(session: Session, stop_request: StopRequest | None = None) -> TrainResul
                       purge_step=session.state.step + 1 if session.state.step else 0)
     flops_per_step = flops_per_token(recipe.model, session.padded_vocab_size, seq) * \
         layout.global_batch_size * seq
-    result = TrainResult(final_step=session.state.step, layout=parallel_sizes())
+    if result is None:
+        result = TrainResult(final_step=session.state.step, layout=parallel_sizes())
+    result.spike, result.final_step = None, session.state.step
+    watch = _spike_watch(session, result)
     saved_step = session.state.step if session.resumed_from else None
     if session.state.step == 0:
         _start_stage(session, metrics, result)
@@ -253,6 +301,8 @@ def run(session: Session, stop_request: StopRequest | None = None) -> TrainResul
         step = session.state.step
         result.losses[step], result.grad_norms[step] = out.loss, out.grad_norm
         result.final_step = step
+        if _check_spike(session, metrics, result, watch, out):
+            break  # before its logs and saves: the rewound run logs from the checkpoint's step
         losses.append(out.loss)
         tokens = _add(tokens, read)
 
@@ -261,6 +311,8 @@ def run(session: Session, stop_request: StopRequest | None = None) -> TrainResul
             metrics.train(_record(session, step, lr, out.grad_norm, losses, times,
                                   flops_per_step))
             metrics.tokens(_token_counts(session, step, tokens))
+            if session.state.rewinds:
+                metrics.scalars(step, {"train/rewinds": len(session.state.rewinds)})
             if session.moe_monitor is not None:
                 result.moe[step] = session.moe_monitor.report(
                     microbatches=layout.num_microbatches * len(times))
@@ -285,7 +337,8 @@ def run(session: Session, stop_request: StopRequest | None = None) -> TrainResul
             log.info("stopping at step %d: %s%s", step, result.stopped,
                      "" if ck.save else " (checkpoint.save is null: nothing to resume from)")
             break
-    if ck.save and saved_step != session.state.step:  # e.g. train.steps=0: the initial weights
+    if ck.save and saved_step != session.state.step and result.spike is None:
+        # e.g. train.steps=0: the initial weights
         _save(session, result)
     metrics.close()
     if session.moe_monitor is not None:
@@ -307,6 +360,10 @@ def train(recipe: Recipe) -> TrainResult:
             elif session.initialized_from:
                 log.info("initialized weights from %s", session.initialized_from)
             result = run(session, stop_request)
+            while result.spike is not None:  # train.spike.action=rewind
+                session = rewind(session, result.spike, build_session)
+                _forget_after(result, session.state.step)
+                result = run(session, stop_request, result)
         if result.stopped and result.checkpoint is not None and runtime.is_main:
             write_resume_file(result.final_step, result.checkpoint)
         return result

@@ -97,6 +97,10 @@ def test_global_batch_defaults_to_one_microbatch_per_rank():
      "train.schedule.min_lr=0.001 exceeds optim.lr=0.0003"),
     (dict(train=dict(eval_interval=5), data=dict(synthetic=False, blend=[{"path": "a"}])), 1,
      "train.eval_interval=5 needs data.valid or eval.tasks (none given)"),
+    (dict(train=dict(spike=dict(action="rewind"))), 1,
+     "train.spike.action=rewind needs checkpoint.save (the checkpoints it rewinds to)"),
+    (dict(train=dict(spike=dict(action="rewind")), checkpoint=dict(save="ck")), 1,
+     "train.spike.action=rewind needs data.blend: synthetic data has no position to skip"),
 ])
 def test_each_rule_names_its_factors(sections, world_size, message):
     assert error(make(**sections), world_size) == message
@@ -159,3 +163,15 @@ def test_valid_layouts_multiply_out(tp, pp, cp, dp, heads, micro_batch_size, acc
     assert layout.num_microbatches * layout.micro_batch_size * layout.dp == layout.global_batch_size
     assert heads % layout.tp == 0 and 24 % (layout.pp * (layout.vpp or 1)) == 0
     assert 128 % (2 * layout.cp) == 0  # the load-balanced CP split (seq_length 128)
+
+
+@pytest.mark.parametrize("spike, message", [
+    (dict(factor=1.0), "train.spike.factor: expected a value above 1, got 1.0"),
+    (dict(action="restart"), "train.spike.action"),
+    (dict(window=0), "train.spike.window"),
+    (dict(skip_batches=0), "train.spike.skip_batches"),
+])
+def test_spike_section_checks_its_fields(spike, message):
+    with pytest.raises(ConfigError) as info:
+        make(train=dict(spike=spike))
+    assert message in str(info.value) and "\n" not in str(info.value)
