@@ -29,9 +29,15 @@ R = E/G copies of the dense FFN ("virtual groups"), top-T routing.
   exact: multiply fc2 alone by a. The expert's output is linear in fc2, so with
        router_pre_softmax=false the MoE output equals dense(x) exactly, for any G dividing T.
   none: no scaling.
+- Drop-Upcycling (--drop-upcycling r; Nakamura et al. 2025, arXiv 2502.19261, best r = 0.5):
+  after the copy, the scaling and the noise, each expert independently draws round(r·f/G) of
+  its own f/G intermediate units (without replacement) and re-initializes them: the rows of the
+  gate and of the up half of fc1 and the columns of fc2, from N(mean, std) of the whole dense
+  source matrix (W_gate, W_up, W_down of that layer), times that expert's fc1/fc2 scale. The
+  other units are bit for bit those of r = 0. Not function preserving.
 - Invariant (tested): coarse upcycling (G=1) with top-k-then-softmax gives the dense model's
   logits for any router seed (a = 1: every scaling mode is exact); granular upcycling with
-  `exact` scaling likewise.
+  `exact` scaling likewise; r = 0 gives today's state dict bit for bit.
 """
 
 from __future__ import annotations
@@ -61,7 +67,18 @@ class ScaleOutSpec:
     """Std of Gaussian noise added to each expert's weights, relative to the std of the tensor
     (0.01 = 1%; Scale-Up's `noise` likewise), to break the symmetry between copies; 0 keeps the
     invariant."""
+    drop_upcycling: float = 0.0
+    """r in [0, 1): the fraction of each expert's intermediate units re-initialized from the
+    dense matrices' statistics (Drop-Upcycling, arXiv 2502.19261; 0.5 is the paper's best);
+    0 keeps the copy (and the invariant)."""
     seed: int = 0
+
+
+# Drop-Upcycling draws from its own generator, seeded spec.seed + this offset (the paper's arXiv
+# number), so the router and noise stream of `seed` stays what it was without the option (r = 0
+# is bit for bit the old output, and r > 0 changes only the dropped units), and a run with seed
+# s does not drop by the router stream of a run with seed s + 1.
+DROP_SEED_OFFSET = 2502_19261
 
 
 def activation_scale(moe_cfg, granularity: int) -> float:
@@ -101,6 +118,9 @@ def check(src: ModelConfig, dst: ModelConfig, spec: ScaleOutSpec) -> None:
     if width != src.ffn_hidden_size // g:
         raise UpcycleError(f"expert width {width} must be ffn_hidden_size/G = "
                            f"{src.ffn_hidden_size // g}")
+    if not 0 <= spec.drop_upcycling < 1:
+        raise UpcycleError(f"--drop-upcycling {spec.drop_upcycling}: expected a fraction in "
+                           "[0, 1) of each expert's units to re-initialize")
     if g > 1 and moe.topk % g:
         raise UpcycleError(f"--topk {moe.topk} must be a multiple of --granularity {g}: a "
                            "token's top-k must take whole virtual groups to cover every shard")
@@ -124,6 +144,39 @@ def _noisy(t: torch.Tensor, spec: ScaleOutSpec, gen: torch.Generator) -> torch.T
     return (t.double() + noise * spec.noise * t.double().std()).to(t.dtype)
 
 
+def _statistics(t: torch.Tensor) -> tuple[float, float]:
+    t = t.double()
+    return t.mean().item(), t.std().item()
+
+
+def _fresh(shape, stats: tuple[float, float], scale: float, gen: torch.Generator,
+           dtype: torch.dtype) -> torch.Tensor:
+    """N(mean, std) values of a dense matrix, times the expert's scale, in its dtype."""
+    mean, std = stats
+    return ((torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean) *
+            scale).to(dtype)
+
+
+def _drop(fc1: torch.Tensor, fc2: torch.Tensor, stats: dict, scales: tuple[float, float],
+          k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's (fc1 [2w, h], fc2 [h, w]) with k of its w units re-initialized (Drop-Upcycling).
+
+    Units: round(r·w) of the expert's own w = f/G (a shard's units, not the dense FFN's). Values:
+    the dense source matrix's statistics times the expert's weight scale, so a fresh unit has the
+    magnitude the copied units of that expert got (with exact or auto scaling an unscaled unit
+    would be a or a^(1/3) times too small against them; a = 1 in the paper's setting, G = 1 with
+    top-k-then-softmax, where this is the paper's method). Draws, in order: the units, the gate
+    rows, the up rows, the fc2 columns."""
+    w = fc2.shape[1]
+    units = torch.randperm(w, generator=gen)[:k].sort().values
+    fc1, fc2 = fc1.clone(), fc2.clone()
+    h = fc2.shape[0]
+    fc1[units] = _fresh((k, h), stats["gate"], scales[0], gen, fc1.dtype)
+    fc1[w + units] = _fresh((k, h), stats["up"], scales[0], gen, fc1.dtype)
+    fc2[:, units] = _fresh((h, k), stats["down"], scales[1], gen, fc2.dtype)
+    return fc1, fc2
+
+
 def scale_out(state: StateDict, src: ModelConfig, dst: ModelConfig, *,
               spec: ScaleOutSpec) -> tuple[StateDict, dict]:
     """The MoE state dict and a record of what went where (for the report)."""
@@ -131,6 +184,9 @@ def scale_out(state: StateDict, src: ModelConfig, dst: ModelConfig, *,
     moe, g = dst.moe, spec.granularity
     fc1_scale, fc2_scale = weight_scales(spec, moe)
     gen = torch.Generator().manual_seed(spec.seed)
+    drop_gen = torch.Generator().manual_seed(spec.seed + DROP_SEED_OFFSET)
+    width = src.ffn_hidden_size // g
+    k = round(spec.drop_upcycling * width)  # units re-initialized per expert
     moe_layers = [i for i in range(src.num_layers) if is_moe_layer(dst, i)]
     dense_ffn = {layer_key(i, name) for i in moe_layers for name in (FC1, FC2)}
     # attention, norms, embeddings, the MLPs of dense layers: copied
@@ -140,19 +196,30 @@ def scale_out(state: StateDict, src: ModelConfig, dst: ModelConfig, *,
         gate, up = state[layer_key(i, FC1)].chunk(2, dim=0)
         down = state[layer_key(i, FC2)]
         gates, ups, downs = gate.chunk(g, 0), up.chunk(g, 0), down.chunk(g, 1)
+        # (mean, std) of the whole dense matrices, for the dropped units (only when some are)
+        stats = {"gate": _statistics(gate), "up": _statistics(up),
+                 "down": _statistics(down)} if k else None
         for e in range(moe.num_experts):
             s = e % g
-            out[layer_key(i, EXPERT_FC1, e=e)] = _noisy(
-                torch.cat([gates[s], ups[s]]) * fc1_scale, spec, gen).contiguous()
-            out[layer_key(i, EXPERT_FC2, e=e)] = _noisy(downs[s] * fc2_scale, spec,
-                                                        gen).contiguous()
+            fc1 = _noisy(torch.cat([gates[s], ups[s]]) * fc1_scale, spec, gen).contiguous()
+            fc2 = _noisy(downs[s] * fc2_scale, spec, gen).contiguous()
+            if k:
+                fc1, fc2 = _drop(fc1, fc2, stats, (fc1_scale, fc2_scale), k, drop_gen)
+            out[layer_key(i, EXPERT_FC1, e=e)] = fc1
+            out[layer_key(i, EXPERT_FC2, e=e)] = fc2
         out[layer_key(i, ROUTER)] = _router(moe.num_experts, src.hidden_size, spec,
                                             gen).to(gate.dtype)
         layers[i] = {"experts": {e: {"shard": e % g, "virtual_group": e // g}
                                  for e in range(moe.num_experts)}}
+        if k:
+            layers[i]["dense_statistics"] = stats
     record = {"granularity": g, "virtual_groups": moe.num_experts // g,
               "activation_scale": activation_scale(moe, g),
               "weight_scaling": {"mode": spec.weight_scaling, "fc1": fc1_scale, "fc2": fc2_scale},
               "router": {"init": spec.router_init, "std": spec.router_std, "seed": spec.seed},
-              "noise": spec.noise, "moe_layers": layers}
+              "noise": spec.noise,
+              "drop_upcycling": {"fraction": spec.drop_upcycling, "units_per_expert": k,
+                                 "expert_units": width,
+                                 "seed": spec.seed + DROP_SEED_OFFSET if k else None},
+              "moe_layers": layers}
     return out, record

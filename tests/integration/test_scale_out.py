@@ -66,6 +66,21 @@ def test_granular_with_exact_scaling_matches_dense(dense, tmp_path):
     assert auto["invariant"]["max_rel"] > 1e-3
 
 
+def test_drop_upcycling_is_measured_and_trains(dense, make_recipe, tmp_path):
+    """--drop-upcycling 0.5 through the command: half of each expert's units new, the change
+    in logits and loss reported (not judged), and the model trains on from it."""
+    report = upcycle(dense, tmp_path / "moe", "--num-experts", "4", "--topk", "2",
+                     "--drop-upcycling", "0.5")
+    inv = report["invariant"]
+    assert inv["holds"] is None and inv["max_rel"] > 1e-2
+    assert inv["not_exact_by_construction"] == ["drop_upcycling 0.5 (re-initialized units)"]
+    assert report["drop_upcycling"]["units_per_expert"] == 64  # of ffn_hidden_size 128
+    result = train(recipe_from_dict(make_recipe(
+        train={"steps": 2}, checkpoint={"pretrained": str(tmp_path / "moe")},
+        model={"moe": {"num_experts": 4, "topk": 2}})))
+    assert all(torch.isfinite(torch.tensor(list(result.losses.values()))))
+
+
 def test_swapped_gate_up_layout_breaks_the_invariant(dense):
     """If the upcycler read megatron's fc1 as [up; gate], the invariant check would catch it."""
     dense_model = read_unsharded(dense)
