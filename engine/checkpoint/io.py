@@ -296,12 +296,42 @@ def load_extra(ckpt: Path, chunks, build) -> tuple[dict, dict]:
     return _load(build(model), ckpt), model
 
 
+_FRESH = ("router.expert_bias",)
+"""State a pretrained start may lack and then begins from the model's own initial value: the
+aux-loss-free expert bias (model.moe.load_balancing=aux_free; zeros) of a checkpoint trained,
+or upcycled, without it."""
+
+
+def _drop_fresh(sharded: dict, ckpt: Path) -> set[str]:
+    """Remove from `sharded` ({chunk: {name: ShardedTensor}}) the _FRESH entries `ckpt` does not
+    hold; returns their names."""
+    from megatron.core import dist_checkpointing
+
+    saved = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    dropped = set()
+    for chunk in sharded.values():
+        for name in [n for n, t in chunk.items() if n.endswith(_FRESH) and t.key not in saved]:
+            del chunk[name]
+            dropped.add(name)
+    return dropped
+
+
 def load_weights(ckpt: Path, chunks) -> None:
     """Model weights only, at any layout: the start of continual pretraining."""
     models = [_unwrap(c) for c in chunks]
-    loaded = _load({"model": _model_sharded(models)}, ckpt)
+    sharded = _model_sharded(models)
+    fresh = _drop_fresh(sharded, ckpt)
+    if fresh:
+        log.info("%s holds no %s: starting from zeros (model.moe.load_balancing=aux_free)", ckpt,
+                 ", ".join(sorted({n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1]
+                                   for n in fresh})))
+    loaded = _load({"model": sharded}, ckpt)
     for i, model in enumerate(models):
-        model.load_state_dict(loaded["model"][f"chunk{i}"])
+        missing, unexpected = model.load_state_dict(loaded["model"][f"chunk{i}"], strict=False)
+        if unexpected or set(missing) - fresh:
+            raise CheckpointError(f"{ckpt}: the model's state does not match the checkpoint's "
+                                  f"(missing {sorted(set(missing) - fresh)[:3]}, unexpected "
+                                  f"{sorted(unexpected)[:3]})")
 
 
 def load_checkpoint(

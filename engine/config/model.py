@@ -84,7 +84,14 @@ class MoEConfig:
     router_score_function: str = "softmax"
     """softmax|sigmoid."""
     load_balancing: str = "aux_loss"
-    """aux_loss (Switch Transformer, per global batch)|seq_aux_loss (per sequence)|none."""
+    """aux_loss (Switch Transformer, per global batch)|seq_aux_loss (per sequence)|aux_free|none.
+    aux_free: no loss; a per-expert bias added to the routing scores for the top-k choice only,
+    moved by bias_update_rate after each update towards the experts that got fewer tokens than
+    the mean (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3). megatron-core's expert bias
+    (moe_router_enable_expert_bias), which needs router_score_function: sigmoid."""
+    bias_update_rate: float = 1e-3
+    """aux_free: the bias's step per optimizer update, sign(mean load - load) x rate (DeepSeek-V3:
+    1e-3)."""
     aux_loss_coeff: float = 0.0
     """Load-balancing loss coefficient (AquilaMoE used 0.001)."""
     z_loss_coeff: float | None = None
@@ -113,7 +120,13 @@ class MoEConfig:
         if self.topk > self.num_experts:
             raise ConfigError(f"{p}.topk={self.topk} exceeds {p}.num_experts={self.num_experts}")
         one_of(f"{p}.router_score_function", self.router_score_function, ("softmax", "sigmoid"))
-        one_of(f"{p}.load_balancing", self.load_balancing, ("aux_loss", "seq_aux_loss", "none"))
+        one_of(f"{p}.load_balancing", self.load_balancing,
+               ("aux_loss", "seq_aux_loss", "aux_free", "none"))
+        if self.load_balancing == "aux_free" and self.router_score_function != "sigmoid":
+            raise ConfigError(f"{p}.load_balancing=aux_free needs {p}.router_score_function="
+                              f"sigmoid (megatron-core's expert bias), got "
+                              f"{self.router_score_function!r}")
+        positive_float(f"{p}.bias_update_rate", self.bias_update_rate)
         one_of(f"{p}.token_dispatcher", self.token_dispatcher, ("allgather", "alltoall"))
         if self.aux_loss_coeff < 0 or (self.z_loss_coeff or 0) < 0:
             raise ConfigError(f"{p}: loss coefficients must be >= 0")

@@ -118,11 +118,13 @@ def moe_kwargs(moe, *, aux_loss_scale: int = 1) -> dict:
     if moe is None:
         return {}
     z_loss = moe.z_loss_coeff * aux_loss_scale if moe.z_loss_coeff is not None else None
+    aux_free = moe.load_balancing == "aux_free"
     return dict(
         num_moe_experts=moe.num_experts, moe_router_topk=moe.topk,
         moe_ffn_hidden_size=moe.ffn_hidden_size, moe_router_pre_softmax=moe.router_pre_softmax,
         moe_router_score_function=moe.router_score_function,
-        moe_router_load_balancing_type=moe.load_balancing,
+        moe_router_load_balancing_type="none" if aux_free else moe.load_balancing,
+        moe_router_enable_expert_bias=aux_free, moe_router_bias_update_rate=moe.bias_update_rate,
         moe_aux_loss_coeff=moe.aux_loss_coeff * aux_loss_scale,
         moe_z_loss_coeff=z_loss, moe_expert_capacity_factor=moe.capacity_factor,
         moe_token_dispatcher_type=moe.token_dispatcher, moe_layer_freq=moe.layer_freq,

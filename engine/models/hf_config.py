@@ -144,6 +144,10 @@ def _moe_to_hf(family: Family, model: ModelConfig) -> dict:
             keys.shared_expert_gate and moe.shared_expert_ffn_hidden_size is not None):
         raise ConfigError(f"model.moe does not fit the {family.name} HF layout (every layer MoE"
                           f"{', a gated shared expert' if keys.shared_expert_gate else ''})")
+    if moe.router_score_function != "softmax":  # Mixtral and Qwen2-MoE route by softmax
+        raise ConfigError(f"{family.name} routes by softmax: model.moe.router_score_function="
+                          f"{moe.router_score_function} (and the aux_free expert bias) has no "
+                          "HF equivalent in this family")
     out = {keys.num_experts: moe.num_experts, "num_experts_per_tok": moe.topk,
            keys.expert_width: moe.ffn_hidden_size or model.ffn_hidden_size,
            "router_aux_loss_coef": moe.aux_loss_coeff}

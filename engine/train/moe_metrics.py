@@ -1,5 +1,5 @@
 """Per-layer mixture-of-experts metrics: token share of each expert, load-balancing loss, z-loss,
-and a router-collapse warning.
+the aux-loss-free expert bias (model.moe.load_balancing=aux_free), and a router-collapse warning.
 
 Token counts come from a forward hook on every router (its routing map says which experts each
 token went to); the auxiliary losses from megatron-core's layer-wise tracker, which the routers
@@ -31,12 +31,17 @@ class MoEReport:
     z_loss: dict[int, float] = field(default_factory=dict)
     collapsed: list[tuple[int, int, float]] = field(default_factory=list)
     """(layer, expert, share) newly collapsed at this report."""
+    expert_bias: torch.Tensor | None = None
+    """[moe layers, experts]: the routers' aux-loss-free bias (load_balancing=aux_free)."""
 
     def scalars(self) -> dict[str, float]:
         out = {}
         for row, layer in enumerate(self.layers):
             for e, share in enumerate(self.token_share[row].tolist()):
                 out[f"moe/layer{layer}/expert{e}/token_share"] = share
+            if self.expert_bias is not None:
+                for e, bias in enumerate(self.expert_bias[row].tolist()):
+                    out[f"moe/layer{layer}/expert{e}/bias"] = bias
             for name, values in (("load_balancing_loss", self.load_balancing_loss),
                                  ("z_loss", self.z_loss)):
                 if layer in values:
@@ -57,6 +62,9 @@ class MoEReport:
             parts.append(f"lb_loss {self.scalars()['moe/load_balancing_loss']:.4f}")
         if self.z_loss:
             parts.append(f"z_loss {self.scalars()['moe/z_loss']:.4f}")
+        if self.expert_bias is not None:
+            low, high = self.expert_bias.min().item(), self.expert_bias.max().item()
+            parts.append(f"expert bias {low:+.4f}..{high:+.4f}")
         return " | ".join(parts)
 
 
@@ -73,11 +81,13 @@ class MoEMonitor:
         self.lb_scale = aux_loss_scale
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.streak = torch.zeros(num_layers, num_experts, dtype=torch.long)
-        self.handles = []
+        self.handles, self.biased = [], []
         for model in models:
             for module in model.modules():
                 if isinstance(module, TopKRouter):
                     self.handles.append(module.register_forward_hook(self._count))
+                    if getattr(module, "expert_bias", None) is not None:
+                        self.biased.append(module)
 
     def _count(self, router, inputs, output) -> None:
         if router.training and router.layer_number is not None:
@@ -98,18 +108,26 @@ class MoEMonitor:
         losses = torch.stack([tracker[n]["values"].double().cpu() for n in names]) if names \
             else torch.zeros(0, self.num_layers, dtype=torch.float64)
         holders = (counts.sum(1) > 0).double()  # ranks holding each layer (pipeline stages)
-        flat = torch.cat([counts.flatten(), losses.flatten(), holders])
+        # The expert bias: the same on every rank holding a layer (megatron updates it from the
+        # all-reduced counts), so the sum over ranks over the number of holders.
+        bias = torch.zeros_like(counts)
+        for router in self.biased:
+            bias[router.layer_number - 1] += router.expert_bias.detach().double().cpu()
+        flat = torch.cat([counts.flatten(), losses.flatten(), holders, bias.flatten()])
         dist.all_reduce(flat)
-        n = counts.numel()
+        n, m = counts.numel(), losses.numel()
         counts = flat[:n].view_as(counts)
-        losses = flat[n:n + losses.numel()].view_as(losses)
-        holders = flat[n + losses.numel():]
+        losses = flat[n:n + m].view_as(losses)
+        holders = flat[n + m:n + m + self.num_layers]
+        bias = flat[n + m + self.num_layers:].view_as(counts)
         self.counts.zero_()
         clear_aux_losses_tracker()
 
         rows = [i for i in range(self.num_layers) if counts[i].sum() > 0]
         share = counts[rows] / counts[rows].sum(1, keepdim=True)
         report = MoEReport(token_share=share.float(), layers=[i + 1 for i in rows])
+        if self.biased:
+            report.expert_bias = (bias[rows] / holders[rows].unsqueeze(1)).float()
         for j, name in enumerate(names):
             target = getattr(report, name)
             scale = self.lb_scale if name == "load_balancing_loss" else 1

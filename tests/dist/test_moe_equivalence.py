@@ -1,6 +1,8 @@
 """Mixture-of-experts layouts train the same model: expert parallelism (allgather and alltoall
 dispatchers) and TP=2+SP+EP=2 reproduce the single-process losses and gradient norms to 1e-5 with
-the load-balancing and z-losses on; an EP=2 checkpoint reloads at EP=1 with every expert."""
+the load-balancing and z-losses on, and with aux-loss-free balancing (sigmoid routing, the expert
+bias updated from the token counts of all ranks); an EP=2 checkpoint reloads at EP=1 with every
+expert."""
 
 import json
 from pathlib import Path
@@ -16,24 +18,28 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 WORKER = Path(__file__).with_name("worker.py")
 STEPS, RTOL = 4, 1e-5
 MOE = {"num_experts": 4, "topk": 2, "aux_loss_coeff": 0.01, "z_loss_coeff": 0.001}
+# the bias moves 0.01 a step: it changes the routing within these few steps
+AUX_FREE = {"router_score_function": "sigmoid", "load_balancing": "aux_free",
+            "bias_update_rate": 0.01, "aux_loss_coeff": 0.0}
 
 
 @pytest.fixture(scope="module")
 def runs(make_recipe, tmp_path_factory, torchrun):
     tmp = tmp_path_factory.mktemp("moe")
 
-    def recipe(parallel=None, dispatcher="allgather", **checkpoint):
+    def recipe(parallel=None, dispatcher="allgather", moe=None, **checkpoint):
         r = make_recipe(parallel=parallel or {},
                         train={"steps": STEPS, "eval_interval": 2, "eval_steps": 1},
                         checkpoint={"pretrained": str(tmp / "init"), **checkpoint})
-        r["model"]["moe"] = {**MOE, "token_dispatcher": dispatcher}
+        r["model"]["moe"] = {**MOE, "token_dispatcher": dispatcher, **(moe or {})}
         return r
 
     init = recipe(save=str(tmp / "init"))
     init["train"] = {**init["train"], "steps": 0, "schedule": {"warmup_steps": 0}}
     del init["checkpoint"]["pretrained"]
     train(recipe_from_dict(init))
-    results = {"single": train(recipe_from_dict(recipe()))}
+    results = {"single": train(recipe_from_dict(recipe())),
+               "single_aux_free": train(recipe_from_dict(recipe(moe=AUX_FREE)))}
 
     def launch(nproc, layouts):
         spec, out = tmp / f"spec{nproc}.json", tmp / f"out{nproc}.json"
@@ -46,6 +52,7 @@ def runs(make_recipe, tmp_path_factory, torchrun):
 
     launch(2, {"ep2_allgather": recipe({"ep": 2}),
                "ep2_alltoall": recipe({"ep": 2}, "alltoall"),
+               "ep2_aux_free": recipe({"ep": 2}, "alltoall", moe=AUX_FREE),
                "ep2_saving": {**recipe({"ep": 2}, "alltoall", save=str(tmp / "ck_ep2")),
                               "train": {**recipe()["train"], "exit_interval": 3}}})
     sp = {"tp": 2, "sequence_parallel": True, "ep": 2}
@@ -86,6 +93,13 @@ def test_moe_layout_matches_single_process(runs, layout, sizes):
     assert runs[layout]["layout"] == {"world_size": world, "tp": tp, "pp": 1, "vpp": None,
                                       "dp": dp, "ep": ep, "cp": 1}
     assert_same(runs[layout], runs["single"])
+
+
+def test_aux_free_balancing_at_ep2_matches_single_process(runs):
+    assert runs["ep2_aux_free"]["layout"]["ep"] == 2
+    assert_same(runs["ep2_aux_free"], runs["single_aux_free"])
+    # the bias changed the routing: not the same run as with the auxiliary loss
+    assert runs["single_aux_free"]["losses"][STEPS] != runs["single"]["losses"][STEPS]
 
 
 def test_ep2_checkpoint_reloads_at_ep1_with_every_expert(runs):

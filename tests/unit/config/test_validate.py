@@ -175,3 +175,19 @@ def test_spike_section_checks_its_fields(spike, message):
     with pytest.raises(ConfigError) as info:
         make(train=dict(spike=spike))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_aux_free_balancing_needs_sigmoid_routing():
+    moe = dict(num_experts=4, topk=2, load_balancing="aux_free")
+    with pytest.raises(ConfigError) as info:
+        make(model=dict(moe=moe))
+    assert str(info.value).endswith("model.moe.load_balancing=aux_free needs "
+                               "model.moe.router_score_function=sigmoid (megatron-core's expert "
+                               "bias), got 'softmax'")
+    recipe = make(model=dict(moe={**moe, "router_score_function": "sigmoid"}))
+    from engine.models.build import moe_kwargs
+
+    kwargs = moe_kwargs(recipe.model.moe)
+    assert kwargs["moe_router_enable_expert_bias"] and \
+        kwargs["moe_router_load_balancing_type"] == "none"
+    assert kwargs["moe_router_bias_update_rate"] == 1e-3
