@@ -166,6 +166,25 @@ def _source_record(source: UnshardedModel) -> dict:
             "model": model_sizes(source.recipe.model)}
 
 
+def growth_record(source: UnshardedModel, target: UnshardedModel, depth_method: str) -> dict:
+    """How much and when the model grew: parameters, the depth factor (`stack` at an integer
+    factor g is G_stack, Du et al. 2024, arXiv 2405.15319: the whole block sequence repeated g
+    times), and the source's learning rate at the growth against its peak (G_stack and Staged
+    Training grow before the decay: a ratio near 1; a fully decayed source is near min_lr/lr)."""
+    params = [sum(t.numel() for t in m.state.values()) for m in (source, target)]
+    old, new = source.recipe.model.num_layers, target.recipe.model.num_layers
+    last = source.stages[-1] if source.stages else {}  # the stage that trained the weights
+    lr = last.get("lr") or {}
+    return {"parameters": {"source": params[0], "target": params[1],
+                           "factor": params[1] / params[0]},
+            "depth": {"method": depth_method, "factor": new / old,
+                      "g_stack": new // old if depth_method == "stack" and new % old == 0
+                      else None},
+            "timing": {"source_steps": last.get("steps", 0),
+                       "final_lr": lr.get("final"), "peak_lr": lr.get("peak"),
+                       "final_over_peak": lr["final"] / lr["peak"] if lr.get("peak") else None}}
+
+
 def scale_up_exact(src: ModelConfig, dst: ModelConfig, spec: ScaleUpSpec) -> bool:
     """Whether the growth preserves the function by construction: the exact width method, or FPI
     at an integer hidden ratio without noise; identity blocks or no new layers."""
@@ -199,7 +218,8 @@ def scale_up_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, **optio
                          "pp": recipe.parallel.pp},
               "options": asdict(opts),
               "untied_embeddings": src.share_embeddings_and_output_weights and
-              not dst.share_embeddings_and_output_weights}
+              not dst.share_embeddings_and_output_weights,
+              "growth": growth_record(source, target, spec.depth_method)}
     exact = scale_up_exact(src, dst, spec)
     report["invariant"] = _measure(source, target, opts, expected_exact=exact)
     if report["invariant"] and spec.noise:  # what the noise alone changed

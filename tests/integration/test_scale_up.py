@@ -184,3 +184,19 @@ def test_bad_requests_stop_in_one_line_and_write_nothing(source, tmp_path, args,
     with pytest.raises(error, match=match) as err:
         scale_up_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), *args])
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_report_says_how_much_and_when_the_model_grew(source, tmp_path):
+    """`stack` at an integer factor is G_stack (g = 2 here); the source's learning rate at the
+    growth against its peak (its cosine schedule ran to the end: decayed)."""
+    ckpt, recipe, state = source
+    report = scale_up_checkpoint(ckpt, tmp_path / "grown", num_layers=8, depth_method="stack",
+                                 eval_samples=0)
+    growth = report["growth"]
+    assert growth["depth"] == {"method": "stack", "factor": 2.0, "g_stack": 2}
+    params = growth["parameters"]
+    assert params["target"] - params["source"] == sum(
+        t.numel() for n, t in state.items() if ".layers." in n)  # the layers, once more
+    lr = read_unsharded(ckpt).stages[-1]["lr"]
+    assert growth["timing"]["final_over_peak"] == pytest.approx(lr["final"] / lr["peak"])
+    assert growth["timing"]["final_over_peak"] < 0.5 and growth["timing"]["source_steps"] == 3
