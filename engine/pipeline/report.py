@@ -30,6 +30,11 @@ class Curve:
     valid: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     tasks: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """Task probe accuracy (`tasks/<task>/acc`, eval.tasks) by step."""
+    token_shares: dict[tuple[int, int], list[tuple[int, float]]] = field(default_factory=dict)
+    """MoE stages: each (layer, expert)'s share of its layer's tokens by log step
+    (`moe/layer<L>/expert<E>/token_share`, engine.train.moe_metrics)."""
+    collapse_intervals: int = 3
+    """The recipe's logging.moe_collapse_intervals."""
     seconds: float | None = None
 
     @property
@@ -62,10 +67,42 @@ def read_curve(pipe: Pipeline, stage: Stage) -> Curve:
             curve.valid[parts[1]] = points
         if len(parts) == 3 and parts[0] == "tasks" and parts[2] == "acc":
             curve.tasks[parts[1]] = points
+        if len(parts) == 4 and parts[0] == "moe" and parts[3] == "token_share":
+            curve.token_shares[int(parts[1][5:]), int(parts[2][6:])] = points
+    curve.collapse_intervals = r.logging.moe_collapse_intervals
     record = d / "stage.json"
     if record.is_file():
         curve.seconds = sum(run["seconds"] for run in json.loads(record.read_text())["runs"])
     return curve
+
+
+def router_collapse(curve: Curve) -> list[dict]:
+    """The streaks in which an expert got under 1/(4E) of its layer's tokens for at least
+    `collapse_intervals` consecutive log steps (the rule of engine.train.moe_metrics' warning):
+    {stage, layer, expert, from_step, to_step, min_share}, by layer and expert."""
+    experts: dict[int, int] = {}
+    for layer, expert in curve.token_shares:
+        experts[layer] = max(experts.get(layer, 0), expert + 1)
+    rows = []
+    for (layer, expert), points in sorted(curve.token_shares.items()):
+        low = 1.0 / (4 * experts[layer])
+        streak: list[tuple[int, float]] = []
+        for step, share in [*points, (None, 1.0)]:  # a sentinel ends the last streak
+            if share < low:
+                streak.append((step, share))
+                continue
+            if len(streak) >= curve.collapse_intervals:
+                rows.append({"stage": curve.stage.name, "layer": layer, "expert": expert,
+                             "from_step": streak[0][0], "to_step": streak[-1][0],
+                             "min_share": min(v for _, v in streak), "threshold": low})
+            streak = []
+    return rows
+
+
+def _exactness(g: dict) -> str:
+    if not g["expected_exact"]:
+        return "not exact by construction"
+    return "exact (holds)" if g["holds"] else "exact expected: FAILED"
 
 
 def _tokenizer_vocab(recipe) -> int:
@@ -188,7 +225,8 @@ def growth_steps(pipe: Pipeline) -> list[dict]:
                   "vocab": lambda: f"vocab +{rep['added']} tokens, {o['init']}"}[s.kind]()
         rows.append({"stage": s.name, "method": method, "before": v["loss_source"],
                      "after": v["loss_target"], "change": v["loss_change"],
-                     "rel_logit_diff": v["max_rel"], "expected_exact": v["expected_exact"]})
+                     "rel_logit_diff": v["max_rel"], "expected_exact": v["expected_exact"],
+                     "holds": v.get("holds")})
     return rows
 
 
@@ -264,10 +302,11 @@ def write_report(pipe: Pipeline) -> Path:
                      f"{_fmt(c.seconds, '.0f')} s | "
                      f"{_fmt(c.train[-1][1]) if c.train else '—'} | " + " | ".join(valids) + " |")
     lines += ["", "## Growth steps: loss on the same tokens before and after", "",
-              "| stage | method | loss before | loss after | change | max rel logit diff |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {g['stage']} | {g['method']} | {g['before']:.5f} | {g['after']:.5f} | "
-              f"{g['change']:+.2e} | {_fmt(g['rel_logit_diff'], '.1e')} |" for g in growth]
+              "| stage | method | function | loss before | loss after | change | "
+              "max rel logit diff |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {g['stage']} | {g['method']} | {_exactness(g)} | {g['before']:.5f} | "
+              f"{g['after']:.5f} | {g['change']:+.2e} | {_fmt(g['rel_logit_diff'], '.1e')} |"
+              for g in growth]
     lines += ["", "Validation sets: the last evaluation before each growth and the first (step 0) "
               "of the stage after it.", "", "| stage | after growth | valid set | before | "
               "step 0 | change |", "|---|---|---|---|---|---|"]
@@ -298,12 +337,24 @@ def write_report(pipe: Pipeline) -> Path:
                      f" | {c.valid_set} | {c.baseline_final:.4f} ({c.baseline_tokens:,}) | "
                      f"{c.stage_final:.4f} | {_fmt(c.tokens_to_reach, ',.0f')} | "
                      f"{_fmt(c.token_ratio, '.2f')} | {_fmt(c.compute_ratio, '.2f')} |")
+    moe = [c for c in curves.values() if c.token_shares]
+    collapse = [row for c in moe for row in router_collapse(c)]
+    if moe:
+        lines += ["", "## MoE routing: router collapse", "",
+                  "Experts under 1/(4E) of their layer's tokens for at least "
+                  "logging.moe_collapse_intervals consecutive log steps "
+                  f"(stages: {', '.join(c.stage.name for c in moe)}).", ""]
+        lines += ["| stage | layer | expert | log steps | min share | threshold |",
+                  "|---|---|---|---|---|---|"] + [
+            f"| {r['stage']} | {r['layer']} | {r['expert']} | {r['from_step']}-{r['to_step']} | "
+            f"{r['min_share']:.4f} | {r['threshold']:.4f} |" for r in collapse] \
+            if collapse else ["None collapsed."]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     figures = {"stages": [{"stage": s.name, "kind": s.kind, "source": s.source,
                            "done": done(pipe, s), **_curve_figures(curves.get(s.name))}
                           for s in pipe.stages],
                "growth": growth, "step0": step0_continuity(pipe, curves),
-               "stability_gap": gaps,
+               "stability_gap": gaps, "router_collapse": collapse,
                "comparisons": [dataclasses.asdict(c) for c in comps]}
     write_atomic(out / "report.json", json.dumps(figures, indent=1) + "\n")
     return write_atomic(out / "report.md", "\n".join(lines) + "\n")

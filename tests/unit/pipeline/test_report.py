@@ -36,3 +36,27 @@ def test_ancestry_follows_weights_not_shapes():
     ]}, "p.yaml")
     assert [s.name for s in ancestry(pipe, pipe.stage("cpt_moe"))] == ["pre", "cpt", "cpt_moe"]
     assert [s.name for s in ancestry(pipe, pipe.stage("moe_rand"))] == ["moe_rand"]
+
+
+def test_router_collapse_finds_streaks_under_a_quarter_of_the_fair_share():
+    """4 experts: the threshold is 1/16; expert 3 of layer 2 is under it at log steps 20-40
+    (3 intervals: collapsed), expert 1 of layer 1 only twice in a row (not)."""
+    from engine.pipeline.config import Stage
+    from engine.pipeline.report import Curve, _exactness, router_collapse
+
+    steps = [10, 20, 30, 40, 50]
+    fair = [(s, 0.25) for s in steps]
+    shares = {(1, e): fair for e in range(4)}
+    shares[1, 1] = list(zip(steps, [0.25, 0.05, 0.05, 0.25, 0.25], strict=True))
+    shares[2, 0], shares[2, 1], shares[2, 2] = fair, fair, fair
+    shares[2, 3] = list(zip(steps, [0.2, 0.06, 0.01, 0.03, 0.2], strict=True))
+    curve = Curve(Stage(name="moe_cpt", kind="train"), 100, 1.0, 50, token_shares=shares,
+                  collapse_intervals=3)
+    assert router_collapse(curve) == [{"stage": "moe_cpt", "layer": 2, "expert": 3,
+                                       "from_step": 20, "to_step": 40, "min_share": 0.01,
+                                       "threshold": 0.0625}]
+    curve.collapse_intervals = 2
+    assert [(r["layer"], r["expert"]) for r in router_collapse(curve)] == [(1, 1), (2, 3)]
+    assert _exactness({"expected_exact": True, "holds": True}) == "exact (holds)"
+    assert _exactness({"expected_exact": True, "holds": False}) == "exact expected: FAILED"
+    assert _exactness({"expected_exact": False, "holds": None}) == "not exact by construction"
