@@ -323,8 +323,7 @@ def load_weights(ckpt: Path, chunks) -> None:
     fresh = _drop_fresh(sharded, ckpt)
     if fresh:
         log.info("%s holds no %s: starting from zeros (model.moe.load_balancing=aux_free)", ckpt,
-                 ", ".join(sorted({n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1]
-                                   for n in fresh})))
+                 ", ".join(f for f in _FRESH if any(n.endswith(f) for n in fresh)))
     loaded = _load({"model": sharded}, ckpt)
     for i, model in enumerate(models):
         missing, unexpected = model.load_state_dict(loaded["model"][f"chunk{i}"], strict=False)

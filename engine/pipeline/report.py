@@ -80,12 +80,14 @@ def router_collapse(curve: Curve) -> list[dict]:
     """The streaks in which an expert got under 1/(4E) of its layer's tokens for at least
     `collapse_intervals` consecutive log steps (the rule of engine.train.moe_metrics' warning):
     {stage, layer, expert, from_step, to_step, min_share}, by layer and expert."""
+    from engine.train.moe_metrics import collapse_threshold
+
     experts: dict[int, int] = {}
     for layer, expert in curve.token_shares:
         experts[layer] = max(experts.get(layer, 0), expert + 1)
     rows = []
     for (layer, expert), points in sorted(curve.token_shares.items()):
-        low = 1.0 / (4 * experts[layer])
+        low = collapse_threshold(experts[layer])
         streak: list[tuple[int, float]] = []
         for step, share in [*points, (None, 1.0)]:  # a sentinel ends the last streak
             if share < low:

@@ -21,6 +21,11 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def collapse_threshold(num_experts: int) -> float:
+    """The share of a layer's tokens under which an expert counts as collapsed: 1/(4E)."""
+    return 1.0 / (4 * num_experts)
+
+
 @dataclass
 class MoEReport:
     token_share: torch.Tensor
@@ -133,7 +138,7 @@ class MoEMonitor:
             scale = self.lb_scale if name == "load_balancing_loss" else 1
             for i in rows:  # mean over the ranks holding the layer, per microbatch
                 target[i + 1] = (losses[j, i] * scale / holders[i] / microbatches).item()
-        threshold = 1.0 / (4 * self.num_experts)
+        threshold = collapse_threshold(self.num_experts)
         low = torch.zeros_like(self.streak, dtype=torch.bool)
         low[rows] = share < threshold
         self.streak = torch.where(low, self.streak + 1, torch.zeros_like(self.streak))

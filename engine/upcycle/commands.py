@@ -259,11 +259,6 @@ def scale_out_inexact(moe, spec: ScaleOutSpec) -> list[str]:
     return reasons
 
 
-def scale_out_exact(moe, spec: ScaleOutSpec) -> bool:
-    """Whether the MoE computes the dense function by construction (scale_out.py's invariant)."""
-    return not scale_out_inexact(moe, spec)
-
-
 def scale_out_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
     """Upcycle the dense model `ckpt` (an engine checkpoint of any layout, or an HF directory)
     into a mixture of experts in the new directory `out` (ScaleOutOptions keywords); return the
