@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 DEMO := data/demo
 NPROC ?= 2
 
-.PHONY: demo test install install-dev demo-data pipeline-data pipeline real-data cpt-real \
+.PHONY: demo test install install-dev demo-data pipeline-data pipeline growth-study real-data cpt-real \
 	language-cpt-data language-cpt long-context cmr-sweep cpt-predict clean-demo
 
 # --no-build-isolation: setup.py compiles csrc/ against the torch installed first (an isolated
@@ -68,6 +68,11 @@ demo: demo-data
 
 pipeline: pipeline-data $(VENV)/.installed-dev  # transformers (export + verify), matplotlib (plots)
 	$(PY) -m engine pipeline run configs/pipelines/efficientscale-tiny.yaml
+
+# Does growing save compute? configs/pipelines/growth-study-tiny.yaml (about 25 min on 2 cores):
+# G_stack x4 depth, exact x2 width and AKI-Pro, fresh or carried Adam, against LR-tuned baselines
+growth-study: pipeline-data $(VENV)/.installed-dev
+	$(PY) -m engine pipeline run configs/pipelines/growth-study-tiny.yaml
 
 # CPT analyses at toy size: a replay-fraction sweep and its critical mixture ratio (Gu et al.
 # 2024), and a CPT stage whose loss curve is predicted from its first 20% (Wang et al. 2025)

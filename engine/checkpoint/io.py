@@ -333,6 +333,14 @@ def load_weights(ckpt: Path, chunks) -> None:
                                   f"{sorted(unexpected)[:3]})")
 
 
+def holds_optimizer_state(ckpt: Path) -> bool:
+    """Whether `ckpt` was saved with an optimizer's state."""
+    from megatron.core import dist_checkpointing
+
+    return any(k.startswith("optimizer.") for k in dist_checkpointing.load_tensors_metadata(
+        str(ckpt)))
+
+
 def load_checkpoint(
     ckpt: Path,
     chunks,
@@ -341,15 +349,22 @@ def load_checkpoint(
     layout: SavedLayout,
     load_optim: bool = True,
     load_rng: bool = True,
+    require_optim: bool = False,
 ) -> TrainState:
     """Resume: model, optimizer (unless load_optim is false), RNG (when the layout matches).
 
     The optimizer state is read in the format it was saved in (the checkpoint's metadata). A
-    step-0 checkpoint (`train.steps=0`: initial weights) has no optimizer state to read."""
+    step-0 checkpoint (`train.steps=0`: initial weights) has no optimizer state to read, unless
+    it was written with one (Scale-Up's --carry-optimizer); `require_optim` reads it and says
+    in one line when there is none."""
     models = [_unwrap(c) for c in chunks]
     sharded = {"model": _model_sharded(models)}
     saved = read_saved_layout(ckpt)
-    if optimizer is not None and load_optim and read_train_state(ckpt).step > 0:
+    if require_optim and not holds_optimizer_state(ckpt):
+        raise CheckpointError(f"{ckpt}: holds no optimizer state (an import, a step-0 "
+                              "checkpoint, or an upcycle without --carry-optimizer)")
+    has_optim = require_optim or read_train_state(ckpt).step > 0
+    if optimizer is not None and load_optim and has_optim:
         check_optimizer_compatible(ckpt, saved, layout)
         fmt = replace(layout, optim_sharding=saved.optim_sharding) if saved else layout
         sharded["optimizer"] = optimizer.sharded_state_dict(

@@ -105,6 +105,14 @@ def single_process_model(recipe: Recipe, padded_vocab_size: int, *,
     """The GPTModel of `recipe` at TP=PP=1 in this process (a world of one on gloo), with
     `padded_vocab_size` embedding rows and parameters in `dtype` (default: the recipe's
     precision), not initialized: every weight is loaded or assigned after."""
+    with single_process(recipe, padded_vocab_size, dtype=dtype) as (model, _):
+        yield model
+
+
+@contextlib.contextmanager
+def single_process(recipe: Recipe, padded_vocab_size: int, *,
+                   dtype: torch.dtype | None = None) -> Iterator[tuple[torch.nn.Module, object]]:
+    """`single_process_model`'s model and its TransformerConfig (what an optimizer needs)."""
     from engine.distributed import destroy_parallel_state, init_distributed
     from engine.models.build import build_model, transformer_config
 
@@ -114,7 +122,7 @@ def single_process_model(recipe: Recipe, padded_vocab_size: int, *,
         tc = transformer_config(recipe, runtime.layout, on_cpu=True, gloo=True,
                                 perform_initialization=False, dtype=dtype)
         (model,) = build_model(recipe, tc, padded_vocab_size=padded_vocab_size, spec="local")
-        yield model
+        yield model, tc
     finally:
         destroy_parallel_state()
 
@@ -176,10 +184,12 @@ def check_new_output(out: str | os.PathLike) -> Path:
 
 
 def write_unsharded(out: str | os.PathLike, model: UnshardedModel, *,
-                    extras: Callable[[Path], None] | None = None) -> Path:
+                    extras: Callable[[Path], None] | None = None, adam=None) -> Path:
     """Save `model` as the step-0 checkpoint of its recipe into the new directory `out`, keeping
     its stage history and origin; `extras(tmp)` adds files (a report, a tokenizer) before the
-    rename. The state's tensors become the saved model's parameters (not copied)."""
+    rename; `adam` (engine.checkpoint.adam.AdamState) is saved as its optimizer state, which
+    a stage with checkpoint.pretrained_optim loads. The state's tensors become the saved model's
+    parameters (not copied)."""
     out = check_new_output(out)
     m = model.recipe.model
     try:  # the rows must suit the layout the recipe trains at
@@ -187,17 +197,30 @@ def write_unsharded(out: str | os.PathLike, model: UnshardedModel, *,
                           saved=model.padded_vocab_size)
     except VocabError as e:
         raise CheckpointError(f"{out}: {e}") from None
+    state = TrainState(step=0, consumed_samples=0, consumed_tokens=0, schedule={},
+                       earlier_stages=list(model.stages), origin=model.origin)
     with new_directory(out) as tmp:
-        with single_process_model(model.recipe, model.padded_vocab_size) as built:
-            assign(built, model.state)
-            state = TrainState(step=0, consumed_samples=0, consumed_tokens=0, schedule={},
-                               earlier_stages=list(model.stages), origin=model.origin)
-            save_checkpoint(tmp, [built], None, state,
-                            layout=current_layout(padded_vocab_size=model.padded_vocab_size),
-                            recipe=model.recipe)
+        if adam is None:
+            with single_process_model(model.recipe, model.padded_vocab_size) as built:
+                assign(built, model.state)
+                save_checkpoint(tmp, [built], None, state,
+                                layout=current_layout(padded_vocab_size=model.padded_vocab_size),
+                                recipe=model.recipe)
+        else:
+            from engine.checkpoint.adam import model_with_optimizer, set_adam_state
+
+            with model_with_optimizer(model.recipe, model.padded_vocab_size) as \
+                    (built, chunks, optimizer):
+                assign(built, model.state)
+                optimizer.reload_model_params()  # fp32 main copies of bf16 weights follow them
+                set_adam_state(built, optimizer, adam)
+                save_checkpoint(tmp, chunks, optimizer, state,
+                                layout=current_layout(padded_vocab_size=model.padded_vocab_size),
+                                recipe=model.recipe)
         if extras is not None:
             extras(tmp)
-    log.info("wrote %s (%d tensors)", out, len(model.state))
+    log.info("wrote %s (%d tensors%s)", out, len(model.state),
+             f", Adam's state at step {adam.step}" if adam is not None else "")
     return out
 
 

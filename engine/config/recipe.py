@@ -326,6 +326,10 @@ class CheckpointConfig:
     """Keep this many most recent checkpoints, deleting older ones; null = keep all."""
     load_optim: bool = True
     """On resume, restore optimizer state (and the schedule's step)."""
+    pretrained_optim: bool = False
+    """A new stage from checkpoint.pretrained also takes its optimizer state: Adam's moments and
+    step count (e.g. Scale-Up's --carry-optimizer), with this recipe's hyperparameters and
+    learning-rate schedule; false starts a fresh optimizer."""
     load_rng: bool = True
     """On resume, restore the random generators' states."""
     optim_sharding: str = "dp_reshardable"
@@ -341,6 +345,9 @@ class CheckpointConfig:
 
     def __post_init__(self):
         p = "checkpoint"
+        if self.pretrained_optim and not self.pretrained:
+            raise ConfigError(f"{p}.pretrained_optim needs {p}.pretrained (the checkpoint whose "
+                              "optimizer state to start from)")
         one_of(f"{p}.optim_sharding", self.optim_sharding, ("dp_reshardable", "fully_reshardable"))
         at_least(f"{p}.save_interval", self.save_interval, 1)
         at_least(f"{p}.keep_last", self.keep_last, 1)

@@ -130,6 +130,10 @@ def _check_vocab(recipe: Recipe) -> None:
     _require(first_new is None or vocab is None or first_new < vocab,
              f"train.freeze.new_rows_from={first_new} must be below model.vocab_size={vocab} "
              "(the new rows are the ids from it on)")
+    _require(not (recipe.train.freeze.steps and recipe.checkpoint.pretrained_optim),
+             f"train.freeze.steps={recipe.train.freeze.steps} with "
+             "checkpoint.pretrained_optim=true: the freeze starts every frozen parameter from "
+             "zero moments; start a fresh optimizer (pretrained_optim=false) or drop the freeze")
 
 
 def _check_documents(recipe: Recipe) -> None:

@@ -67,8 +67,11 @@ def submit(file: str, extra: list[str], dry_run: bool) -> list[str]:
         command = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes",
                    f"--job-name={pipe.name}-{stage.name.replace('/', '-')}",
                    f"--output={d}/slurm-%j.out", *extra, *stage.sbatch]
-        if stage.source in jobs:  # baselines need only their source: they run side by side
-            command.append(f"--dependency=afterok:{jobs[stage.source]}")
+        # baselines need only their source: they run side by side; best_of/lr_from stages
+        # wait for the stages they choose from
+        waits = [jobs[n] for n in (stage.source, *stage.best_of, *stage.lr_from) if n in jobs]
+        if waits:
+            command.append(f"--dependency=afterok:{':'.join(waits)}")
         command += [str(SLURM_SCRIPT), file, stage.name]
         if dry_run or os.environ.get("ENGINE_DRY_RUN") == "1":
             print(shlex.join(command))

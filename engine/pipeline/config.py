@@ -76,6 +76,13 @@ class Stage:
     sweep: Mapping = field(default_factory=dict)
     """sweep: {key: a dotted recipe key, values: [...]}, one train stage per value
     (engine.pipeline.sweep)."""
+    best_of: tuple = ()
+    """train: earlier train stages; this stage repeats whichever ended with the lowest validation
+    loss (engine.pipeline.select): its source, init and overrides, then this stage's overrides
+    on top (e.g. {train.seed: 2} for another seed of the best learning rate)."""
+    lr_from: tuple = ()
+    """train: earlier train stages; this stage takes optim.lr of whichever ended with the lowest
+    validation loss (e.g. a grown model trained at the LR tuned for its shape from scratch)."""
     sbatch: tuple = ()
     """`engine pipeline submit`: sbatch options of this stage's job, after the pipeline's
     --sbatch-arg (a later option wins), e.g. [--nodes=2] for a train stage on two nodes while
@@ -164,9 +171,28 @@ def _check_stage(stage: Stage, earlier: dict[str, Stage], where: str) -> None:
             isinstance(o, str) and o.startswith("-") for o in stage.sbatch):
         raise ConfigError(f"{where}.sbatch: expected a list of sbatch options such as "
                           f"[--nodes=2], got {stage.sbatch!r}")
+    _check_selection(stage, earlier, where)
     check_sweep(stage, where)
     if stage.kind not in TRAINING:
         stage_options(stage, f"{where}.args")
+
+
+def _check_selection(stage: Stage, earlier: dict[str, Stage], where: str) -> None:
+    for key in ("best_of", "lr_from"):
+        names = getattr(stage, key)
+        if not names:
+            continue
+        if stage.kind != "train":
+            raise ConfigError(f"{where}.{key}: for train stages only")
+        if not isinstance(names, list | tuple) or len(names) < 2 or len(set(names)) < len(names):
+            raise ConfigError(f"{where}.{key}: expected a list of at least two distinct earlier "
+                              f"train stages, got {names!r}")
+        for name in names:
+            if name not in earlier or earlier[name].kind != "train":
+                raise ConfigError(f"{where}.{key}: {name!r} is not an earlier train stage")
+    if stage.best_of and (stage.source is not None or stage.init != "pretrained"):
+        raise ConfigError(f"{where}: a best_of stage takes its source and init from the stage "
+                          "it repeats; drop source/init")
 
 
 def _options_classes() -> dict[str, tuple[type, ...]]:

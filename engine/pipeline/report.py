@@ -134,11 +134,23 @@ def ancestry(pipe: Pipeline, stage: Stage) -> list[Stage]:
     s: Stage | None = stage
     while s is not None:
         if s.kind == "train":
+            s = _resolved(pipe, s)
             chain.append(s)
         if s.kind == "train" and s.init == "random":
             break
         s = pipe.stage(s.source) if s.source else None
     return chain[::-1]
+
+
+def _resolved(pipe: Pipeline, stage: Stage) -> Stage:
+    """A best_of / lr_from stage as chosen; as written while its candidates are not done."""
+    from engine.config.errors import ConfigError
+    from engine.pipeline.select import resolved
+
+    try:
+        return resolved(pipe, stage)
+    except ConfigError:
+        return stage
 
 
 @dataclass
@@ -339,6 +351,12 @@ def write_report(pipe: Pipeline) -> Path:
                      f" | {c.valid_set} | {c.baseline_final:.4f} ({c.baseline_tokens:,}) | "
                      f"{c.stage_final:.4f} | {_fmt(c.tokens_to_reach, ',.0f')} | "
                      f"{_fmt(c.token_ratio, '.2f')} | {_fmt(c.compute_ratio, '.2f')} |")
+    from engine.pipeline.study import draw_study, growth_study, study_lines
+
+    study = growth_study(pipe, curves)
+    lines += study_lines(study)
+    if study["rows"]:
+        plots.append(draw_study(pipe, curves, out / "growth_study.png"))
     moe = [c for c in curves.values() if c.token_shares]
     collapse = [row for c in moe for row in router_collapse(c)]
     if moe:
@@ -357,7 +375,8 @@ def write_report(pipe: Pipeline) -> Path:
                           for s in pipe.stages],
                "growth": growth, "step0": step0_continuity(pipe, curves),
                "stability_gap": gaps, "router_collapse": collapse,
-               "comparisons": [dataclasses.asdict(c) for c in comps]}
+               "comparisons": [dataclasses.asdict(c) for c in comps],
+               "growth_study": study}
     write_atomic(out / "report.json", json.dumps(figures, indent=1) + "\n")
     return write_atomic(out / "report.md", "\n".join(lines) + "\n")
 

@@ -76,9 +76,10 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None) -> None:
         if done(pipe, stage):
             log.info("%s: done, skipped (%s)", head, pipe.stage_dir(stage.name))
             continue
-        if stage.source is not None and not done(pipe, pipe.stage(stage.source)):
-            raise PipelineError(f"stage {stage.name}: its source {stage.source} is not done; "
-                                "run it first")
+        waits = [*stage.best_of, *stage.lr_from] + ([stage.source] if stage.source else [])
+        for name in waits:
+            if not done(pipe, pipe.stage(name)):
+                raise PipelineError(f"stage {stage.name}: {name} is not done; run it first")
         log.info("%s: running", head)
         seconds = run_stage(pipe, stage)
         if not done(pipe, stage):  # a train stage stopped on request (signal, stop file)

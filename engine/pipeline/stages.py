@@ -14,6 +14,7 @@ from engine.config.loader import apply_overrides, dump_recipe, read_recipe_yaml,
 from engine.config.recipe import Recipe
 from engine.options import to_argv
 from engine.pipeline.config import Pipeline, Stage, stage_options
+from engine.pipeline.select import resolved
 from engine.pipeline.sweep import check_member_recipe, members
 
 ENGINE = [sys.executable, "-m", "engine"]
@@ -40,6 +41,7 @@ def stage_recipe(pipe: Pipeline, stage: Stage) -> Recipe | None:
     """The recipe a train stage runs (None for other stages); it reads the source's checkpoint."""
     if stage.kind != "train":
         return None
+    stage = resolved(pipe, stage)  # best_of / lr_from: what the earlier results chose
     base = Path(pipe.recipe)
     data = apply_overrides(read_recipe_yaml(base), pipe.overrides,
                            f"{base} + pipeline overrides")

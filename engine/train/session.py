@@ -29,6 +29,7 @@ from engine.config.recipe import Recipe, RopeScaling, source_names
 from engine.distributed import Runtime
 from engine.models.build import build_model, moe_aux_loss_scale, transformer_config
 from engine.models.initialize import init_spec, initialize_weights
+from engine.models.optimizer import build_optimizer, wrap_ddp
 from engine.models.spec import check_training_attention, resolve_spec
 from engine.models.vocab import VocabError, padded_vocab_size
 from engine.train.batches import MicrobatchPlan, SyntheticDataset
@@ -75,63 +76,11 @@ def _tokenizer(recipe: Recipe):
     return load_tokenizer(recipe.tokenizer.type, recipe.tokenizer.path)
 
 
-def _wrap_ddp(recipe: Recipe, tc, models):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    par = recipe.parallel
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=par.overlap_grad_reduce,
-        overlap_param_gather=par.overlap_param_gather,
-        use_distributed_optimizer=par.distributed_optimizer,
-    )
-    return [
-        DistributedDataParallel(config=tc, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
-        for i, m in enumerate(models)
-    ]
-
-
 def _optimizer(recipe: Recipe, tc, chunks):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    o = recipe.optim
-    config = OptimizerConfig(
-        optimizer=o.name,
-        lr=o.lr,
-        min_lr=recipe.train.schedule.min_lr,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2,
-        adam_eps=o.adam_eps,
-        sgd_momentum=o.sgd_momentum,
-        clip_grad=o.clip_grad,
-        bf16=tc.bf16,
-        fp16=tc.fp16,
-        params_dtype=tc.params_dtype,
-        use_distributed_optimizer=recipe.parallel.distributed_optimizer,
-        overlap_param_gather=recipe.parallel.overlap_param_gather,
-    )
     # train.freeze: the embedding and output layer in their own groups (engine.train.freeze)
-    optimizer = get_megatron_optimizer(
-        config, chunks, config_overrides=optimizer_overrides(recipe.train.freeze, config))
-    _fuse_torch_adam(optimizer)
-    return optimizer
-
-
-def _fuse_torch_adam(optimizer) -> None:
-    """Without TE or apex, megatron-core builds torch.optim.AdamW with torch's default
-    implementation, which on CPU runs one pass over memory per elementwise op and tensor (0.55 s
-    of a 6.8 s step at 58M parameters, measured by `engine bench train --profile`). torch's fused
-    AdamW updates each tensor in one pass, on CPU and CUDA; the groups say so before the first
-    step (a checkpoint's saved groups, loaded after, keep what they were saved with)."""
-    import torch
-
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(chained, "optimizer", None)
-        if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
-            inner.defaults.update(fused=True, foreach=False)
-            for group in inner.param_groups:
-                group.update(fused=True, foreach=False)
+    return build_optimizer(recipe, tc, chunks,
+                           overrides=lambda config: optimizer_overrides(recipe.train.freeze,
+                                                                        config))
 
 
 def _hook_schedules(recipe: Recipe, tc, chunks, optimizer) -> None:
@@ -260,6 +209,14 @@ def _restore(recipe: Recipe, source: Source | None, chunks, optimizer, vocab: in
         return load_checkpoint(source.path, chunks, optimizer,
                                layout=checkpoint_layout(recipe, vocab), load_optim=ck.load_optim,
                                load_rng=ck.load_rng)
+    if recipe.checkpoint.pretrained_optim:  # weights and Adam's state, this recipe's settings
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        load_checkpoint(source.path, chunks, optimizer, layout=checkpoint_layout(recipe, vocab),
+                        load_rng=False, require_optim=True)
+        for group, settings in zip(optimizer.param_groups, fresh, strict=True):
+            group.update(settings)
+        log.info("optimizer state from %s (checkpoint.pretrained_optim)", source.path)
+        return None
     load_weights(source.path, chunks)
     optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the new weights
     return None
@@ -363,7 +320,7 @@ def build_session(recipe: Recipe, runtime: Runtime) -> Session:
         vocab = recipe.model.vocab_size or tokenizer.vocab_size
         initialize_weights(models, init_spec(recipe.model, seed=recipe.train.seed,
                                              vocab_size=vocab))
-    chunks = _wrap_ddp(recipe, tc, models)
+    chunks = wrap_ddp(recipe, tc, models)
     optimizer = _optimizer(recipe, tc, chunks)
     _hook_schedules(recipe, tc, chunks, optimizer)
     state = _restore(recipe, source, chunks, optimizer, rows)

@@ -76,6 +76,9 @@ class ScaleUpOptions(UpcycleOptions):
     """Std of noise on the copied units, relative to the std of their tensor (fpi/aki/aki-pro)."""
     seed: int = 0
     """Seed of fresh units, noise and random measurement tokens."""
+    carry_optimizer: bool = False
+    """Also write Adam's state mapped through the growth (engine/upcycle/moments.py; step count
+    kept); a stage with checkpoint.pretrained_optim: true starts from it."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -152,13 +155,13 @@ def _measure(source: UnshardedModel, target: UnshardedModel, options, *,
     return measure_invariant(source, target, tokens, where, expected_exact=expected_exact)
 
 
-def _write(out: Path, target: UnshardedModel, report: dict, more=None) -> None:
+def _write(out: Path, target: UnshardedModel, report: dict, more=None, adam=None) -> None:
     def extras(tmp: Path) -> None:
         if more is not None:
             more(tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
-    write_unsharded(out, target, extras=extras)
+    write_unsharded(out, target, extras=extras, adam=adam)
 
 
 def _source_record(source: UnshardedModel) -> dict:
@@ -229,8 +232,33 @@ def scale_up_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, **optio
                                    noise_loss_change=report["invariant"]["loss_target"] -
                                    without["loss_target"])
     report["source_map"] = source_map.to_dict()
-    _write(out, target, report)
+    adam = None
+    if opts.carry_optimizer:
+        adam, report["optimizer"] = _carried_adam(source, target, spec)
+    _write(out, target, report, adam=adam)
     return report
+
+
+def _carried_adam(source: UnshardedModel, target: UnshardedModel, spec: ScaleUpSpec):
+    """(the grown model's AdamState, its report record): the source checkpoint's moments
+    through the growth's maps, vocabulary rows padded like the weights (with zeros)."""
+    from engine.checkpoint.adam import AdamState, read_adam_state
+    from engine.upcycle.moments import carry_moments
+
+    if source.path is None:
+        raise UpcycleError("--carry-optimizer: the source is not an engine checkpoint with "
+                           "optimizer state")
+    state = read_adam_state(source.path)
+    m, v, summary = carry_moments(state.exp_avg, state.exp_avg_sq, source.recipe.model,
+                                  target.recipe.model, spec)
+    dst = target.recipe.model
+    rows = target.padded_vocab_size
+    m, v = (resize_vocab(x, dst.vocab_size, rows) for x in (m, v))
+    record = {"carried": True, "adam_step": state.step, "elements_carried": summary["carried"],
+              "elements_zero": summary["zero"]}
+    log.info("Adam's state carried (step %d): %d elements from the source, %d new at zero",
+             state.step, summary["carried"], summary["zero"])
+    return AdamState(step=state.step, exp_avg=m, exp_avg_sq=v), record
 
 
 def _read_source(ckpt: str | os.PathLike) -> UnshardedModel:
