@@ -80,7 +80,9 @@ def rewind(session, spike: Spike, build_session):
     start = session.train_data.start - skip * batch
     # Reload from where this run saves (checkpoint.load may name where it started).
     again = replace(recipe, checkpoint=replace(recipe.checkpoint, load=save))
-    fresh = build_session(again, session.runtime)
+    runtime = session.runtime
+    _release(session)  # the new session's model and optimizer replace, not join, the old ones
+    fresh = build_session(again, runtime)
     state = fresh.state
     if state.step + skip < spike.step:
         log.warning("train.spike.skip_batches=%d does not reach past the spike: the batches of "
@@ -94,3 +96,14 @@ def rewind(session, spike: Spike, build_session):
                 "skipping the next %d global batches of data", spike.step, spike.loss,
                 config.factor, spike.median, state.step, ckpt, skip)
     return fresh
+
+
+def _release(session) -> None:
+    """Drop the session's model, optimizer, data and what holds them, so that building the
+    rewound session does not hold two models and optimizers at once (peak memory)."""
+    import gc
+
+    session.chunks, session.optimizer = [], None
+    session.train_data, session.valid_data = None, {}
+    session.probes = session.mer = session.drift = session.moe_monitor = None
+    gc.collect()

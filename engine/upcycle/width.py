@@ -27,6 +27,14 @@ within a group (P -> P' heads per group); query head (g, p) copies (g(g), g(p)).
 - AKI-Pro (AquilaMoE's Scale-Up): AKI with GQA; the number of KV groups stays fixed and query heads
   grow inside each group (P -> P'), each group treated as an MHA block sharing its K/V.
 - Exact (ours): derived in `grow_layer_exact`'s docstring; exact at any ratio.
+- HyperCloning (Samragh et al. 2024, arXiv 2409.12903) compared: its vector cloning
+  (x -> [x, x]) and symmetric expansion (W/n blocks) are our FPI at an integer ratio. Where it
+  differs is symmetry breaking: its "noisy" variants add noise that cancels over the cloned
+  inputs (W/2 + e and W/2 - e read the same x), so the function is kept exactly, and its
+  "diagonal" variant zeroes off-diagonal blocks; our `noise` perturbs the added units' input side
+  without cancelling, so it changes the function (the report measures it), and our exact method
+  breaks symmetry with fresh units that contribute exactly zero instead of clones. We have no
+  cancelling-noise variant.
 - `noise` (FPI/AKI/AKI-Pro), a relative std: every added unit's input side (q/k/v rows of added
   heads and groups, gate/up rows of added neurons, and the writers of added hidden dimensions:
   embedding columns, o_proj rows, fc2 rows) gets N(0, (noise * std(W))^2) added, std(W) the

@@ -112,6 +112,10 @@ def test_pretrained_optim_needs_optimizer_state(runs, tmp_path):
                            "save": str(tmp_path / "x")}
     with pytest.raises(CheckpointError, match="holds no optimizer state"):
         train(recipe_from_dict(grown))
+    with pytest.raises(CheckpointError, match="holds no optimizer state to carry"):
+        scale_up_checkpoint(plain, tmp_path / "again", carry_optimizer=True, num_layers=5,
+                            depth_method="identity", eval_samples=0)
+    assert not (tmp_path / "again").exists()
     recipe["checkpoint"] = {"pretrained_optim": True}
     with pytest.raises(ConfigError, match="pretrained_optim needs checkpoint.pretrained"):
         recipe_from_dict(recipe)

@@ -54,6 +54,13 @@ def test_valid_pipeline_parses():
      "stages[1].args: hidden_size: expected int or null, got 'wide'"),
     (_with(stage=(1, {"args": {"width_method": "wide"}})),
      "stages[1].args: width_method: 'wide' is not one of fpi, aki, aki-pro, exact"),
+    # best_of / lr_from: earlier train stages, at least two, and a best_of takes its source
+    (_with(stage=(3, {"lr_from": ["cpt"]})), "stages[3].lr_from: expected a list of at least two"),
+    (_with(stage=(3, {"lr_from": ["cpt", "grow"]})), "lr_from: 'grow' is not an earlier train"),
+    (_with(stage=(2, {"best_of": ["pre", "rand"]})), "best_of: 'rand' is not an earlier train"),
+    (_with(stage=(3, {"best_of": ["pre", "cpt"]})), "a best_of stage takes its source and init"),
+    (_with(stage=(1, {"best_of": ["pre", "cpt"]})), "stages[1].best_of: for train stages only"),
+    (_with(stage=(3, {"best_of": ["pre", "pre"]})), "stages[3].best_of: expected a list of at"),
 ])
 def test_bad_pipeline_is_one_line(data, message):
     with pytest.raises(ConfigError) as err:
@@ -148,6 +155,12 @@ def test_keep_batch_tokens_errors_are_one_line(tmp_path, train, stage, message):
 def test_keep_batch_tokens_is_for_train_stages():
     with pytest.raises(ConfigError, match="are for train stages only"):
         pipeline_from_dict(_with(stage=(1, {"keep_batch_tokens": True})), "p.yaml")
+
+
+def test_the_growth_study_pipeline_loads():
+    pipe = load_pipeline("configs/pipelines/growth-study-tiny.yaml")
+    assert list(pipe.stage("deep_seed2").best_of) == ["deep_lr1e-3", "deep_lr2e-3", "deep_lr4e-3"]
+    assert pipe.stage("grow_exact").args["carry_optimizer"] is True
 
 
 def test_the_long_context_pipeline_loads():
