@@ -158,7 +158,10 @@ def probe_accuracy(ckpt, tasks_dir) -> dict:
         destroy_parallel_state()
 
 
-@pytest.mark.parametrize("growth", ["scale_up", "scale_out"])
+# Scale-Out of the real model (8 experts) is left to `make cpt-real`-sized runs: 3.5 min here,
+# and the same coarse upcycling is judged by transformers at tiny size
+# (tests/integration/test_growth_oracle.py). Its measured SmolLM2 result is in the README.
+@pytest.mark.parametrize("growth", ["scale_up"])
 def test_exact_growth_of_the_real_model_equals_the_source(real, growth):
     """Exported through HF and run in transformers: the source HF model's logits, the source's
     probe accuracy."""
