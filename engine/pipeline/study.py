@@ -191,12 +191,12 @@ def draw_study(pipe: Pipeline, curves: dict, path) -> object | None:
                 ax.plot([v.source_flops + st * c.tokens_per_step * c.flops_per_token
                          for st, _ in pts], [x for _, x in pts], color=colors[i % len(colors)],
                         linewidth=1.4 if k == 0 else 0.7, label=v.name if k == 0 else None)
-        for b in {tuple(b["runs"]) for b in baselines.values()}:
+        for j, b in enumerate(sorted({tuple(b["runs"]) for b in baselines.values()})):
             for k, n in enumerate(b):
                 c = curves[n]
                 pts = c.valid.get(valid, [])
                 ax.plot([st * c.tokens_per_step * c.flops_per_token for st, _ in pts],
-                        [x for _, x in pts], color="black", linestyle="--",
+                        [x for _, x in pts], color="black", linestyle=("--", ":", "-.")[j % 3],
                         linewidth=1.4 if k == 0 else 0.7,
                         label=f"{n} (from scratch)" if k == 0 else None)
         sources = {a for v in variants for a in _sources(pipe, v.name)}
