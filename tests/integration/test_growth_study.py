@@ -21,7 +21,7 @@ from engine.pipeline.select import final_valid_loss
 pytestmark = pytest.mark.slow
 
 FILE = Path(__file__).parents[2] / "configs/pipelines/growth-study-tiny.yaml"
-KEEP = ["source", "grow_stack", "deep_lr1e-3", "deep_lr2e-3", "deep_lr4e-3", "deep_seed2",
+KEEP = ["source", "grow_stack", "deep_lr2e-3", "deep_lr4e-3", "deep_seed2",
         "stack_fresh", "stack_carried", "best_grown_seed2"]
 SMALL = {"train.steps": 8, "train.eval_interval": 4, "train.eval_interval_early": 2,
          "train.eval_early_steps": 4, "train.eval_steps": 1,
@@ -61,7 +61,7 @@ def test_growth_study_miniature(tmp_path, make_recipe, tiny_data):
     out = Path(pipe.out)
     recipe = {n: load_recipe(out / n / "recipe.yaml") for n in KEEP if n != "grow_stack"}
 
-    lrs = ["deep_lr1e-3", "deep_lr2e-3", "deep_lr4e-3"]
+    lrs = ["deep_lr2e-3", "deep_lr4e-3"]
     chosen = min(lrs, key=lambda n: final_valid_loss(pipe, n))
     assert recipe["deep_seed2"].optim.lr == recipe[chosen].optim.lr
     assert recipe["deep_seed2"].train.seed == 2 and recipe[chosen].train.seed != 2
