@@ -177,10 +177,21 @@ def _reap(mark: str, timeout: float = 30) -> None:
     while ours(mark) and time.time() < end:
         time.sleep(0.2)
     left = ours(mark)
+    named = {pid: _describe(pid) for pid in left}  # before the kill: what they were
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     if left:
-        raise RuntimeError(f"processes of the run outlived it: {left}")
+        raise RuntimeError(f"processes of the run outlived it: {named}")
+
+
+def _describe(pid: int) -> str:
+    """`pid`'s command line, parent and state, for the report of a process left behind."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+        return f"{cmd.strip()} (state {state[0]}, parent {state[1]})"
+    except OSError:
+        return "gone"
 
 
 def losses(tb: Path) -> tuple[dict[int, float], dict[int, int]]:
