@@ -59,25 +59,20 @@ def model_with_optimizer(recipe: Recipe, rows: int) -> Iterator[tuple]:
         yield model, chunks, build_optimizer(recipe, tc, chunks)
 
 
-def main_params(optimizer) -> dict:
-    """Model parameter -> the parameter Adam updates (the same tensor in fp32 training, its fp32
-    main copy with bf16/fp16), over every chained optimizer."""
-    out = {}
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(opt, "float16_groups"):  # Float16OptimizerWithFloat16Params
-            for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups,
-                                               strict=True):
-                out.update(zip(model_group, main_group, strict=True))
-            out.update((p, p) for group in opt.fp32_from_fp32_groups for p in group)
-        else:
-            out.update((p, p) for group in opt.optimizer.param_groups for p in group["params"])
-    return out
+def _main_and_state(optimizer) -> dict:
+    """Model parameter -> (the tensor Adam updates for it, that tensor's torch optimizer)."""
+    from engine.models.optimizer import main_pairs, megatron_optimizers
+
+    return {p: (main, opt.optimizer) for opt in megatron_optimizers(optimizer)
+            for p, main, _ in main_pairs(opt)}
 
 
-def _inner_state(optimizer) -> dict:
-    """Main parameter -> its torch optimizer state dict."""
-    return {p: s for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-            for p, s in opt.optimizer.state.items()}
+def check_carriable(ckpt_arg: str | os.PathLike) -> None:
+    """One line unless `ckpt_arg` holds Adam's state that read_adam_state can read: said before
+    a growth starts, not after it."""
+    from engine.checkpoint.unsharded import read_recipe
+
+    _check_readable(*read_recipe(ckpt_arg))
 
 
 def _check_readable(ckpt, recipe: Recipe) -> None:
@@ -106,11 +101,12 @@ def read_adam_state(ckpt_arg: str | os.PathLike) -> AdamState:
     with model_with_optimizer(recipe, rows) as (model, chunks, optimizer):
         load_checkpoint(ckpt, chunks, optimizer, layout=current_layout(padded_vocab_size=rows),
                         load_rng=False, require_optim=True)
-        mains, states = main_params(optimizer), _inner_state(optimizer)
+        mains = _main_and_state(optimizer)
         moments: dict[str, StateDict] = {k: {} for k in MOMENTS}
         steps = set()
         for name, p in model.named_parameters():
-            state = states.get(mains[p], {})
+            main, inner = mains[p]
+            state = inner.state.get(main, {})
             for k in MOMENTS:
                 moments[k][name] = state[k].detach().float().clone() if k in state else \
                     torch.zeros(p.shape)
@@ -124,11 +120,9 @@ def read_adam_state(ckpt_arg: str | os.PathLike) -> AdamState:
 def set_adam_state(model: torch.nn.Module, optimizer, adam: AdamState) -> None:
     """Make `adam` the state of `optimizer` (built over `model`): every parameter's moments
     (shapes checked, one line naming the first that does not fit) and the step."""
-    mains = main_params(optimizer)
-    owner = {p: opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-             for group in opt.optimizer.param_groups for p in group["params"]}
+    mains = _main_and_state(optimizer)
     for name, p in model.named_parameters():
-        main = mains[p]
+        main, inner = mains[p]
         state = {"step": torch.tensor(float(adam.step), dtype=torch.float32)}
         for k in MOMENTS:
             t = getattr(adam, k).get(name)
@@ -137,4 +131,4 @@ def set_adam_state(model: torch.nn.Module, optimizer, adam: AdamState) -> None:
                                       f"{None if t is None else tuple(t.shape)}; the model "
                                       f"expects {tuple(p.shape)}")
             state[k] = t.detach().to(main.dtype).clone()
-        owner[main].state[main] = state
+        inner.state[main] = state

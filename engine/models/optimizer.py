@@ -70,7 +70,43 @@ def _fuse_torch_adam(optimizer) -> None:
                 group.update(fused=True, foreach=False)
 
 
+def megatron_optimizers(optimizer) -> list:
+    """The megatron optimizers inside `optimizer` (a chained one holds one per parameter kind,
+    dense and expert), stubs without parameters left out."""
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if not getattr(o, "is_stub_optimizer", False)]
+
+
 def torch_optimizers(optimizer) -> list:
     """The torch optimizers inside a megatron optimizer (one per chained optimizer)."""
-    return [getattr(c, "optimizer", None)
-            for c in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [getattr(c, "optimizer", None) for c in megatron_optimizers(optimizer)]
+
+
+def is_distributed(opt) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return isinstance(opt, DistributedOptimizer)
+
+
+def main_pairs(opt) -> list[tuple]:
+    """(model parameter, main tensor, start) of everything the megatron optimizer `opt` updates
+    on this rank: the main tensor is the parameter itself in fp32 training, its fp32 copy with
+    bf16/fp16, its flat shard under the distributed optimizer (start: the shard's first element
+    in param.view(-1); None for a whole tensor)."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    if is_distributed(opt):
+        pairs = []
+        for models, shards in ((opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
+                               (opt.model_fp32_groups, opt.shard_fp32_groups)):
+            for model_group, shard_group in zip(models, shards, strict=True):
+                for param, shard in zip(model_group, shard_group, strict=True):
+                    start = opt._get_model_param_range_map(param)["param"].start
+                    pairs.append((param, shard, start))
+        return pairs
+    if isinstance(opt, Float16OptimizerWithFloat16Params):
+        pairs = [(p, m, None) for models, mains in
+                 zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=True)
+                 for p, m in zip(models, mains, strict=True)]
+        return pairs + [(p, p, None) for group in opt.fp32_from_fp32_groups for p in group]
+    return [(p, p, None) for group in opt.optimizer.param_groups for p in group["params"]]

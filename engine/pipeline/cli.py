@@ -69,7 +69,7 @@ def submit(file: str, extra: list[str], dry_run: bool) -> list[str]:
                    f"--output={d}/slurm-%j.out", *extra, *stage.sbatch]
         # baselines need only their source: they run side by side; best_of/lr_from stages
         # wait for the stages they choose from
-        waits = [jobs[n] for n in (stage.source, *stage.best_of, *stage.lr_from) if n in jobs]
+        waits = [jobs[n] for n in stage.waits_for if n in jobs]
         if waits:
             command.append(f"--dependency=afterok:{':'.join(waits)}")
         command += [str(SLURM_SCRIPT), file, stage.name]

@@ -88,6 +88,12 @@ class Stage:
     --sbatch-arg (a later option wins), e.g. [--nodes=2] for a train stage on two nodes while
     a scale_up stage runs on one."""
 
+    @property
+    def waits_for(self) -> tuple[str, ...]:
+        """The stages that must be done before this one runs: its source and the stages its
+        best_of / lr_from choose from."""
+        return (*([self.source] if self.source else []), *self.best_of, *self.lr_from)
+
 
 @dataclass(frozen=True)
 class Pipeline:

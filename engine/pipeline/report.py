@@ -351,12 +351,13 @@ def write_report(pipe: Pipeline) -> Path:
                      f" | {c.valid_set} | {c.baseline_final:.4f} ({c.baseline_tokens:,}) | "
                      f"{c.stage_final:.4f} | {_fmt(c.tokens_to_reach, ',.0f')} | "
                      f"{_fmt(c.token_ratio, '.2f')} | {_fmt(c.compute_ratio, '.2f')} |")
-    from engine.pipeline.study import draw_study, growth_study, study_lines
+    from engine.pipeline.study import draw_study, groups, growth_study, study_lines
 
-    study = growth_study(pipe, curves)
+    grouped = groups(pipe, curves)
+    study = growth_study(pipe, curves, grouped)
     lines += study_lines(study)
     if study["rows"]:
-        plots.append(draw_study(pipe, curves, out / "growth_study.png"))
+        plots.append(draw_study(pipe, curves, grouped, out / "growth_study.png"))
     moe = [c for c in curves.values() if c.token_shares]
     collapse = [row for c in moe for row in router_collapse(c)]
     if moe:

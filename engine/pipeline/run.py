@@ -76,8 +76,7 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None) -> None:
         if done(pipe, stage):
             log.info("%s: done, skipped (%s)", head, pipe.stage_dir(stage.name))
             continue
-        waits = [*stage.best_of, *stage.lr_from] + ([stage.source] if stage.source else [])
-        for name in waits:
+        for name in stage.waits_for:
             if not done(pipe, pipe.stage(name)):
                 raise PipelineError(f"stage {stage.name}: {name} is not done; run it first")
         log.info("%s: running", head)

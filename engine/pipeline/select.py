@@ -24,9 +24,15 @@ def final_valid_loss(pipe: Pipeline, name: str) -> float | None:
     tb = pipe.stage_dir(name) / "tensorboard"
     if not tb.is_dir():
         return None
-    finals = [points[-1][1] for tag, points in read_scalars(tb).items()
-              if tag.startswith("valid/") and tag.endswith("/loss") and tag.count("/") == 2
-              and points]
+    return mean_final_loss({tag: points for tag, points in read_scalars(tb).items()
+                            if tag.startswith("valid/") and tag.endswith("/loss")
+                            and tag.count("/") == 2})
+
+
+def mean_final_loss(valid: dict) -> float | None:
+    """The rule "best" is judged by: the mean over validation sets ({name: [(step, loss)]}) of
+    each set's last loss; None without any."""
+    finals = [points[-1][1] for points in valid.values() if points]
     return sum(finals) / len(finals) if finals else None
 
 

@@ -70,9 +70,10 @@ def groups(pipe: Pipeline, curves: dict) -> tuple[list[Group], dict[str, dict]]:
                                   sum(curves[a.name].tokens for a in chain if a.name in curves),
                                   sum(curves[a.name].tokens * curves[a.name].flops_per_token
                                       for a in chain if a.name in curves)))
+    shapes = {n: _model(pipe, n) for n in randoms}
     baselines = {}
     for v in variants:
-        same = [n for n in randoms if _model(pipe, n) == v.shape]
+        same = [n for n in randoms if shapes[n] == v.shape]
         if not same:
             continue
         picked = [p for p in same if repeats.get(p)]
@@ -82,17 +83,20 @@ def groups(pipe: Pipeline, curves: dict) -> tuple[list[Group], dict[str, dict]]:
 
 
 def _final(curve) -> float:
-    finals = [pts[-1][1] for pts in curve.valid.values() if pts]
-    return mean(finals) if finals else float("inf")
+    from engine.pipeline.select import mean_final_loss
+
+    loss = mean_final_loss(curve.valid)
+    return float("inf") if loss is None else loss
 
 
-def growth_study(pipe: Pipeline, curves: dict) -> dict:
+def growth_study(pipe: Pipeline, curves: dict, grouped: tuple) -> dict:
     """{"rows": per variant and validation set, "lr": the baselines' tuning} (module
-    docstring); empty lists when the pipeline has no grown stage with a same-shape baseline."""
+    docstring) of `grouped` (what `groups` found); empty lists when the pipeline has no grown
+    stage with a same-shape baseline."""
     from engine.config.loader import load_recipe
     from engine.pipeline.report import tokens_to_reach
 
-    variants, baselines = groups(pipe, curves)
+    variants, baselines = grouped
     rows, tuning = [], []
     for shape_runs in {tuple(b["tuned"]): b for b in baselines.values()}.values():
         for n in shape_runs["tuned"]:
@@ -170,16 +174,14 @@ def study_lines(study: dict) -> list[str]:
     return lines
 
 
-def draw_study(pipe: Pipeline, curves: dict, path) -> object | None:
+def draw_study(pipe: Pipeline, curves: dict, grouped: tuple, path):
     """growth_study.png: validation loss against total training FLOPs (the source's included),
     one panel per validation set: each variant's runs, its baseline's runs, the sources."""
     import matplotlib.pyplot as plt
 
     from engine.pipeline.report import _save
 
-    variants, baselines = groups(pipe, curves)
-    if not variants:
-        return None
+    variants, baselines = grouped
     names = sorted({v for c in curves.values() for v in c.valid})
     fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 from engine.config.mer import MerConfig
+from engine.models.optimizer import is_distributed, main_pairs, megatron_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -82,46 +83,14 @@ class Slot:
     """Under the distributed optimizer: `main`'s first element in param.view(-1); None: whole."""
 
 
-def _optimizers(optimizer) -> list:
-    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
-            if not getattr(o, "is_stub_optimizer", False)]
-
-
-def _is_distributed(opt) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return isinstance(opt, DistributedOptimizer)
-
-
-def _pairs(opt) -> list[tuple[torch.nn.Parameter, torch.Tensor, int | None]]:
-    """(model parameter, main tensor, start) of everything `opt` updates on this rank."""
-    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
-
-    if _is_distributed(opt):
-        pairs = []
-        for models, shards in ((opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
-                               (opt.model_fp32_groups, opt.shard_fp32_groups)):
-            for model_group, shard_group in zip(models, shards, strict=True):
-                for param, shard in zip(model_group, shard_group, strict=True):
-                    start = opt._get_model_param_range_map(param)["param"].start
-                    pairs.append((param, shard, start))
-        return pairs
-    if isinstance(opt, Float16OptimizerWithFloat16Params):
-        pairs = [(p, m, None) for models, mains in
-                 zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=True)
-                 for p, m in zip(models, mains, strict=True)]
-        return pairs + [(p, p, None) for group in opt.fp32_from_fp32_groups for p in group]
-    return [(p, p, None) for group in opt.optimizer.param_groups for p in group["params"]]
-
-
 class Mer:
     """The anchor and the Reptile step of one training run (module docstring)."""
 
     def __init__(self, config: MerConfig, optimizer, chunks, *, step: int):
         self.config, self.chunks = config, chunks
-        self.optimizers = _optimizers(optimizer)
+        self.optimizers = megatron_optimizers(optimizer)
         self.slots = [Slot(param, main, main.detach().clone(), first)
-                      for opt in self.optimizers for param, main, first in _pairs(opt)]
+                      for opt in self.optimizers for param, main, first in main_pairs(opt)]
         start = time.perf_counter()
         self.reset(step)  # one copy pass, timed for the cost line
         self.pass_seconds = time.perf_counter() - start
@@ -171,7 +140,7 @@ class Mer:
         for opt in self.optimizers:
             if hasattr(opt, "_copy_main_params_to_model_params"):  # not FP32Optimizer
                 opt._copy_main_params_to_model_params()
-            gather = gather or (_is_distributed(opt) and
+            gather = gather or (is_distributed(opt) and
                                 not opt.ddp_config.overlap_param_gather)
         if gather:  # once per chunk: it gathers every bucket group, experts' included
             for chunk in self.chunks:
@@ -184,7 +153,7 @@ class Mer:
         on another data-parallel rank."""
         params = {id(s.param): s.param for s in self.slots}
         for opt in self.optimizers:
-            if _is_distributed(opt):
+            if is_distributed(opt):
                 params.update({id(p): p for b in opt.buffers for p in b.param_index_map})
         return list(params.values())
 
@@ -192,7 +161,7 @@ class Mer:
         """id(model parameter) -> its whole anchor (the parameter's shape, fp32)."""
         whole = {id(s.param): s.anchor for s in self.slots if s.start is None}
         for opt in self.optimizers:
-            if _is_distributed(opt):
+            if is_distributed(opt):
                 whole.update(_gather_distributed(opt, self.slots))
         return whole
 

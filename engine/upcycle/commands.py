@@ -205,6 +205,10 @@ def scale_up_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, **optio
     out = check_new_output(out)
     spec = ScaleUpSpec(width_method=opts.width_method, depth_method=opts.depth_method,
                        noise=opts.noise, seed=opts.seed)
+    if opts.carry_optimizer:  # before the growth and its measurement, not after them
+        from engine.checkpoint.adam import check_carriable
+
+        check_carriable(ckpt)
     source = read_unsharded(ckpt)
     src = source.recipe.model
     sizes = {k: getattr(opts, k) for k in ("num_layers", "hidden_size", "ffn_hidden_size",
@@ -245,9 +249,6 @@ def _carried_adam(source: UnshardedModel, target: UnshardedModel, spec: ScaleUpS
     from engine.checkpoint.adam import AdamState, read_adam_state
     from engine.upcycle.moments import carry_moments
 
-    if source.path is None:
-        raise UpcycleError("--carry-optimizer: the source is not an engine checkpoint with "
-                           "optimizer state")
     state = read_adam_state(source.path)
     m, v, summary = carry_moments(state.exp_avg, state.exp_avg_sq, source.recipe.model,
                                   target.recipe.model, spec)
